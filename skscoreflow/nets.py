@@ -1,0 +1,172 @@
+"""Score networks for tabular data.
+
+:class:`ScoreMLP` is a residual MLP conditioned on the noise level through sinusoidal
+features of ``log sigma(t)``.  It predicts the noise ``eps_hat(x_t, t)`` and returns the score
+``s(x, t) = -eps_hat / sigma(t)`` (the noise-prediction parameterisation of Score-SDE and
+ScoreFlow), so the likelihood-weighted loss with importance sampling is the plain noise MSE.
+
+The network is preconditioned so that an untrained (zero-initialised output) model is already
+a sensible density: the residual is added to the noise of a standard normal data
+distribution, ``eps_gauss = sigma x_t / (alpha^2 + sigma^2)``, which is the exact answer when
+the (standardised) data are ``N(0, I)``.  Training therefore learns the departure from a
+Gaussian, and the probability-flow ODE of the untrained model is well behaved.
+
+Examples
+--------
+>>> import torch
+>>> from skscoreflow.sde import VPSDE
+>>> net = ScoreMLP(2, VPSDE(), hidden_layer_sizes=(32, 32))
+>>> net(torch.zeros(5, 2), torch.full((5,), 0.5)).shape
+torch.Size([5, 2])
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .sde import SDE, get_sde
+
+__all__ = ["ScoreMLP", "NoiseLevelEmbedding"]
+
+
+class NoiseLevelEmbedding(nn.Module):
+    """Sinusoidal features of ``log sigma``, geometric frequencies, plus the raw value.
+
+    Parameters
+    ----------
+    dim : int
+        Number of output features (even).
+    max_frequency : float
+        Highest angular frequency, per unit of ``log sigma``.
+    """
+
+    def __init__(self, dim: int = 32, max_frequency: float = 16.0) -> None:
+        super().__init__()
+        if dim < 2 or dim % 2:
+            raise ValueError(f"embedding dim must be an even number >= 2, got {dim}")
+        half = dim // 2
+        freqs = torch.exp(torch.linspace(math.log(0.25), math.log(max_frequency), half))
+        self.register_buffer("freqs", freqs)
+        self.dim = dim
+
+    def forward(self, log_sigma: Tensor) -> Tensor:
+        arg = log_sigma[:, None] * self.freqs[None, :]
+        return torch.cat([torch.sin(arg), torch.cos(arg)], dim=-1)
+
+
+class _ResBlock(nn.Module):
+    def __init__(self, width_in: int, width: int, emb_dim: int, dropout: float) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width_in)
+        self.lin1 = nn.Linear(width_in, width)
+        self.emb = nn.Linear(emb_dim, width)
+        self.lin2 = nn.Linear(width, width)
+        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.skip = nn.Identity() if width_in == width else nn.Linear(width_in, width)
+
+    def forward(self, h: Tensor, emb: Tensor) -> Tensor:
+        y = self.lin1(nn.functional.silu(self.norm(h))) + self.emb(emb)
+        y = self.lin2(self.drop(nn.functional.silu(y)))
+        return self.skip(h) + y
+
+
+class ScoreMLP(nn.Module):
+    """Residual MLP score network ``s_theta(x, t) = -eps_theta(x, t) / sigma(t)``.
+
+    Parameters
+    ----------
+    n_features : int
+        Data dimension ``d``.
+    sde : SDE or str
+        The forward SDE (gives ``alpha(t)`` and ``sigma(t)`` for the parameterisation).
+    hidden_layer_sizes : sequence of int
+        Width of each residual block.
+    embedding_dim : int
+        Number of noise-level features.
+    dropout : float
+        Dropout inside the residual blocks.
+
+    Notes
+    -----
+    ``forward(x, t)`` returns the score; :meth:`noise` returns ``eps_theta``.  Input is scaled
+    by ``1 / sqrt(alpha^2 + sigma^2)`` so that every noise level sees unit-variance input for
+    standardised data.
+    """
+
+    def __init__(
+        self,
+        n_features: int,
+        sde: SDE | str = "vp",
+        hidden_layer_sizes: Sequence[int] = (256, 256, 256),
+        embedding_dim: int = 64,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        sizes = tuple(int(h) for h in hidden_layer_sizes)
+        if not sizes or min(sizes) < 1:
+            raise ValueError(f"hidden_layer_sizes must be positive ints, got {hidden_layer_sizes}")
+        self.sde = get_sde(sde) if isinstance(sde, str) else sde
+        self.n_features = int(n_features)
+        self.hidden_layer_sizes = sizes
+        self.embedding_dim = int(embedding_dim)
+        self.dropout = float(dropout)
+
+        self.embed = NoiseLevelEmbedding(embedding_dim)
+        emb_hidden = 2 * embedding_dim
+        self.emb_mlp = nn.Sequential(
+            nn.Linear(embedding_dim, emb_hidden), nn.SiLU(), nn.Linear(emb_hidden, emb_hidden)
+        )
+        self.inp = nn.Linear(self.n_features, sizes[0])
+        widths = (sizes[0],) + sizes
+        self.blocks = nn.ModuleList(
+            _ResBlock(widths[i], widths[i + 1], emb_hidden, dropout) for i in range(len(sizes))
+        )
+        self.out_norm = nn.LayerNorm(sizes[-1])
+        self.out = nn.Linear(sizes[-1], self.n_features)
+        # Zero output: the untrained model is the Gaussian reference (see module docstring).
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments (JSON-serialisable) to rebuild this network."""
+        return {
+            "n_features": self.n_features,
+            "sde": {"name": self.sde.name, **self.sde.config()},
+            "hidden_layer_sizes": list(self.hidden_layer_sizes),
+            "embedding_dim": self.embedding_dim,
+            "dropout": self.dropout,
+        }
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "ScoreMLP":
+        cfg = dict(config)
+        sde_cfg = dict(cfg.pop("sde"))
+        sde = get_sde(sde_cfg.pop("name"), **sde_cfg)
+        return cls(sde=sde, **cfg)
+
+    def noise(self, x: Tensor, t: Tensor) -> Tensor:
+        """Predicted noise ``eps_theta(x_t, t)``; ``t`` scalar or shape ``(n,)``."""
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        alpha = self.sde.mean_coeff(t)[:, None]
+        sigma = self.sde.std(t)[:, None]
+        var = alpha**2 + sigma**2
+        x_in = x * torch.rsqrt(var)
+        emb = self.emb_mlp(self.embed(torch.log(sigma[:, 0])))
+        h = self.inp(x_in)
+        for block in self.blocks:
+            h = block(h, emb)
+        residual = self.out(nn.functional.silu(self.out_norm(h)))
+        return sigma * x / var + residual
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        """Score ``s_theta(x, t) = -eps_theta(x, t) / sigma(t)``."""
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        return -self.noise(x, t) / self.sde.std(t)[:, None]

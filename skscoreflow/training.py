@@ -1,0 +1,276 @@
+"""Training loop for score networks: Adam, warm-up, cosine decay, clipping, EMA, early stopping.
+
+:func:`train_score_model` is the loop behind :class:`~skscoreflow.ScoreFlowDensity` and is
+usable on its own with any ``nn.Module`` whose ``forward(x, t)`` returns the score.  All
+randomness (mini-batches, diffusion times, noise) comes from the ``torch.Generator`` passed in;
+the global torch RNG is never used.  Training state (optimizer, EMA weights, step count) is
+returned in a :class:`TrainState` so that training can be continued (``warm_start``).
+
+Examples
+--------
+>>> import torch
+>>> from skscoreflow.sde import VPSDE
+>>> from skscoreflow.nets import ScoreMLP
+>>> g = torch.Generator().manual_seed(0)
+>>> X = torch.randn(256, 2, generator=g)
+>>> net = ScoreMLP(2, VPSDE(), hidden_layer_sizes=(16,))
+>>> state = train_score_model(net, X, VPSDE(), max_iter=20, batch_size=64, generator=g)
+>>> state.n_iter, len(state.loss_curve)
+(20, 20)
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from .sde import SDE
+from .weighting import check_weighting, dsm_loss
+
+__all__ = ["train_score_model", "TrainState", "NonFiniteLossError", "learning_rate_at"]
+
+logger = logging.getLogger("skscoreflow")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite."""
+
+
+@dataclass
+class TrainState:
+    """Everything needed to continue training.
+
+    Attributes
+    ----------
+    model : nn.Module
+        The trained network (raw weights).
+    ema_model : nn.Module
+        Exponential moving average of the weights (use this one for evaluation).
+    optimizer : torch.optim.Optimizer
+    n_iter : int
+        Optimizer steps taken in total.
+    loss_curve : list of float
+        Mean training loss of each step.
+    validation_scores : list of float
+        Validation score (higher is better) at each validation.
+    validation_iters : list of int
+        Step at which each validation score was taken.
+    best_validation_score : float or None
+    best_state : dict or None
+        EMA weights at the best validation score (when early stopping).
+    stopped_early : bool
+    fit_time : float
+        Seconds spent in the loop.
+    """
+
+    model: nn.Module
+    ema_model: nn.Module
+    optimizer: torch.optim.Optimizer
+    n_iter: int = 0
+    loss_curve: list[float] = field(default_factory=list)
+    validation_scores: list[float] = field(default_factory=list)
+    validation_iters: list[int] = field(default_factory=list)
+    best_validation_score: float | None = None
+    best_state: dict[str, Tensor] | None = None
+    stopped_early: bool = False
+    fit_time: float = 0.0
+
+
+def learning_rate_at(step: int, max_iter: int, learning_rate: float, warmup: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to 1 % of ``learning_rate``."""
+    if warmup > 0 and step < warmup:
+        return learning_rate * (step + 1) / warmup
+    span = max(1, max_iter - warmup)
+    progress = min(1.0, (step - warmup) / span)
+    return learning_rate * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@torch.no_grad()
+def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    for pe, p in zip(ema.parameters(), model.parameters()):
+        pe.lerp_(p, 1 - decay)
+    for be, b in zip(ema.buffers(), model.buffers()):
+        be.copy_(b)
+
+
+def _progress(total: int, verbose: int) -> Any:
+    if verbose <= 0:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - optional dependency
+        return None
+    return tqdm(total=total, desc="skscoreflow fit", leave=False)
+
+
+def train_score_model(
+    model: nn.Module,
+    X: Tensor,
+    sde: SDE,
+    *,
+    weighting: str = "likelihood_is",
+    eps: float | None = None,
+    max_iter: int = 1000,
+    batch_size: int = 512,
+    learning_rate: float = 1e-3,
+    warmup: int = 100,
+    grad_clip: float | None = 1.0,
+    ema_decay: float = 0.999,
+    weight_decay: float = 0.0,
+    generator: torch.Generator | None = None,
+    validation_fn: Callable[[nn.Module], float] | None = None,
+    validation_interval: int = 200,
+    early_stopping: bool = False,
+    n_iter_no_change: int = 10,
+    tol: float = 1e-4,
+    state: TrainState | None = None,
+    verbose: int = 0,
+) -> TrainState:
+    """Train a score network with the weighted denoising score-matching loss.
+
+    Parameters
+    ----------
+    model : nn.Module
+        ``model(x, t)`` returns the score; trained in place.
+    X : Tensor of shape (n, d)
+        Training data, already on the training device and dtype.
+    sde : SDE
+    weighting : {"likelihood_is", "likelihood", "score_matching"}
+        Loss weighting (see :mod:`skscoreflow.weighting`).
+    eps : float, optional
+        Smallest diffusion time; the SDE's default when None.
+    max_iter : int
+        Optimizer steps in this call.
+    batch_size : int
+        Rows per step (capped at ``n``); mini-batches are drawn without replacement, epoch by
+        epoch, from ``generator``.
+    learning_rate : float
+        Peak Adam learning rate.
+    warmup : int
+        Linear warm-up steps, followed by cosine decay.
+    grad_clip : float or None
+        Global gradient-norm clipping threshold.
+    ema_decay : float
+        Decay of the exponential moving average of the weights (0 disables it).
+    weight_decay : float
+        Decoupled weight decay (AdamW); 0 gives plain Adam.
+    generator : torch.Generator, optional
+        Source of all randomness (a generator seeded with 0 when None).
+    validation_fn : callable, optional
+        ``validation_fn(ema_model) -> float``, higher is better; called every
+        ``validation_interval`` steps and at the end.
+    validation_interval : int
+    early_stopping : bool
+        Stop when the validation score has not improved by ``tol`` for ``n_iter_no_change``
+        validations, and restore the best EMA weights.
+    n_iter_no_change : int
+    tol : float
+    state : TrainState, optional
+        Continue from this state (warm start) instead of creating a new optimizer and EMA.
+    verbose : int
+        ``> 0`` shows a progress bar (tqdm, when installed) and logs validations.
+
+    Returns
+    -------
+    TrainState
+
+    Raises
+    ------
+    NonFiniteLossError
+        If the loss becomes NaN or infinite.
+    """
+    check_weighting(weighting)
+    if max_iter < 1:
+        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+    n = X.shape[0]
+    if n < 1:
+        raise ValueError("cannot train on an empty data set")
+    batch_size = min(int(batch_size), n)
+    if generator is None:
+        generator = torch.Generator(device=X.device).manual_seed(0)
+    if early_stopping and validation_fn is None:
+        raise ValueError("early_stopping needs a validation_fn")
+
+    if state is None:
+        opt_cls = torch.optim.AdamW if weight_decay > 0 else torch.optim.Adam
+        kwargs = {"weight_decay": weight_decay} if weight_decay > 0 else {}
+        optimizer = opt_cls(model.parameters(), lr=learning_rate, **kwargs)
+        ema_model = copy.deepcopy(model)
+        for p in ema_model.parameters():
+            p.requires_grad_(False)
+        state = TrainState(model=model, ema_model=ema_model, optimizer=optimizer)
+    optimizer = state.optimizer
+    ema_model = state.ema_model
+
+    start = time.perf_counter()
+    bar = _progress(max_iter, verbose)
+    perm = torch.randperm(n, generator=generator, device=X.device)
+    pos = 0
+    no_improve = 0
+    model.train()
+    try:
+        for it in range(max_iter):
+            if pos + batch_size > n:
+                perm = torch.randperm(n, generator=generator, device=X.device)
+                pos = 0
+            batch = X[perm[pos : pos + batch_size]]
+            pos += batch_size
+
+            lr = learning_rate_at(it, max_iter, learning_rate, warmup)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss = dsm_loss(model, batch, sde, weighting, eps, generator=generator).mean()
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"training loss became {loss.item()} at step {state.n_iter + 1}; try a "
+                    "smaller learning_rate, gradient clipping, or a larger eps"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if grad_clip is not None and grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            optimizer.step()
+            # Early in training a plain average is better than a long EMA (warm-up of the
+            # decay, as in many diffusion codebases).
+            decay = min(ema_decay, (1 + state.n_iter) / (10 + state.n_iter))
+            _ema_update(ema_model, model, decay)
+            state.n_iter += 1
+            state.loss_curve.append(float(loss.detach()))
+            if bar is not None:
+                bar.update(1)
+                if it % 50 == 0:
+                    bar.set_postfix(loss=f"{state.loss_curve[-1]:.4f}")
+
+            last = it == max_iter - 1
+            if validation_fn is not None and ((it + 1) % validation_interval == 0 or last):
+                ema_model.eval()
+                score = float(validation_fn(ema_model))
+                state.validation_scores.append(score)
+                state.validation_iters.append(state.n_iter)
+                if verbose > 0:
+                    logger.info("step %d: validation score %.5f", state.n_iter, score)
+                best = state.best_validation_score
+                if best is None or score > best + tol:
+                    state.best_validation_score = score
+                    state.best_state = copy.deepcopy(ema_model.state_dict())
+                    no_improve = 0
+                else:
+                    no_improve += 1
+                if early_stopping and no_improve >= n_iter_no_change:
+                    state.stopped_early = True
+                    break
+    finally:
+        if bar is not None:
+            bar.close()
+    if early_stopping and state.best_state is not None:
+        ema_model.load_state_dict(state.best_state)
+    ema_model.eval()
+    state.fit_time += time.perf_counter() - start
+    return state
