@@ -20,4 +20,6 @@ logging.getLogger("skscoreflow").addHandler(logging.NullHandler())
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+from ._estimator import ScoreFlowDensity  # noqa: E402
+
+__all__ = ["ScoreFlowDensity", "__version__"]

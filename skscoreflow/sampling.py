@@ -173,7 +173,9 @@ def ode_sample(
     x = sde.prior_sample((n_samples, n_features), generator=generator, device=device, dtype=dtype)
 
     def ode_fn(t: Tensor, xs: Tensor) -> Tensor:
-        tt = t.expand(xs.shape[0])
+        # torchdiffeq's initial step selection may probe beyond the interval (t < 0, where the
+        # kernel std is undefined); clamping only affects that trial evaluation.
+        tt = t.clamp(eps, sde.T).expand(xs.shape[0])
         return sde.ode_drift(xs, tt, score_fn(xs, tt))
 
     times = torch.tensor([sde.T, eps], dtype=dtype, device=device)
