@@ -11,6 +11,8 @@ through the probability-flow ODE.  The functional core it is built on is public:
 * :mod:`skscoreflow.bound` - the per-sample likelihood bound (Theorem 3);
 * :mod:`skscoreflow.sampling` - reverse-SDE and probability-flow ODE samplers;
 * :mod:`skscoreflow.training` - the training loop;
+* :mod:`skscoreflow.dequantization` - uniform and variational dequantization;
+* :mod:`skscoreflow.metrics` - bits/dim conventions;
 * :mod:`skscoreflow.datasets` - built-in 2-D densities with known true log-density.
 """
 
@@ -21,5 +23,6 @@ logging.getLogger("skscoreflow").addHandler(logging.NullHandler())
 __version__ = "0.1.0"
 
 from ._estimator import ScoreFlowDensity  # noqa: E402
+from .metrics import bits_per_dim  # noqa: E402
 
-__all__ = ["ScoreFlowDensity", "__version__"]
+__all__ = ["ScoreFlowDensity", "bits_per_dim", "__version__"]

@@ -16,7 +16,13 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from .bound import likelihood_bound
+from .bound import likelihood_bound, nll_bound_estimate
+from .dequantization import (
+    DEQUANTIZATIONS,
+    VariationalDequantizer,
+    check_integer_valued,
+    train_dequantizer,
+)
 from .likelihood import DIVERGENCES, ode_log_likelihood
 from .nets import ScoreMLP
 from .sampling import SAMPLERS
@@ -31,7 +37,6 @@ __all__ = ["ScoreFlowDensity"]
 ADAPTIVE_SOLVERS = ("dopri5", "dopri8", "bosh3", "adaptive_heun")
 FIXED_SOLVERS = ("rk4", "midpoint", "euler")
 FIXED_STEPS = 100
-DEQUANTIZATIONS = (None,)
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _FORMAT_VERSION = 1
 
@@ -63,9 +68,22 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
     weighting : {"likelihood_is", "likelihood", "score_matching"}, default="likelihood_is"
         Loss weighting: likelihood weighting with importance-sampled times (the paper's
         choice), likelihood weighting with uniform times, or the original ``sigma^2`` weighting.
-    dequantization : None, default=None
-        Reserved for integer-valued data (uniform / variational dequantization); only ``None``
-        (continuous data) is accepted in this version.
+    dequantization : {None, "uniform", "variational"}, default=None
+        For integer-valued data (counts, pixel intensities, Likert scales): model ``x + u``
+        with ``u`` uniform on ``[0, 1)^d`` ("uniform") or drawn from a learned conditional flow
+        ``q(u | x)`` ("variational", trained after the score model with the score model
+        frozen).  ``score_samples`` and ``bound`` then return lower bounds on
+        ``log P(X = x)`` and ``sample`` returns integers.
+    n_dequantization_samples : int, default=1
+        Dequantization draws ``K`` per row when evaluating a dequantized model; ``K > 1`` gives
+        the importance-weighted bound ``log (1/K) sum_k p(x + u_k) / q(u_k | x)``, tighter than
+        the ``K = 1`` ELBO.
+    dequantizer_hidden_layer_sizes : tuple of int, default=(64, 64)
+        Conditioner widths of the variational dequantizer.
+    dequantizer_n_couplings : int, default=4
+        Coupling layers of the variational dequantizer.
+    dequantizer_max_iter : int, default=1000
+        Optimizer steps of the variational dequantizer.
     hidden_layer_sizes : tuple of int, default=(128, 128, 128)
         Widths of the residual blocks of the score network.
     max_iter : int, default=4000
@@ -160,6 +178,10 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
         sde: str = "vp",
         weighting: str = "likelihood_is",
         dequantization: str | None = None,
+        n_dequantization_samples: int = 1,
+        dequantizer_hidden_layer_sizes: tuple[int, ...] = (64, 64),
+        dequantizer_n_couplings: int = 4,
+        dequantizer_max_iter: int = 1000,
         hidden_layer_sizes: tuple[int, ...] = (128, 128, 128),
         max_iter: int = 4000,
         batch_size: int = 512,
@@ -183,6 +205,10 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
         self.sde = sde
         self.weighting = weighting
         self.dequantization = dequantization
+        self.n_dequantization_samples = n_dequantization_samples
+        self.dequantizer_hidden_layer_sizes = dequantizer_hidden_layer_sizes
+        self.dequantizer_n_couplings = dequantizer_n_couplings
+        self.dequantizer_max_iter = dequantizer_max_iter
         self.hidden_layer_sizes = hidden_layer_sizes
         self.max_iter = max_iter
         self.batch_size = batch_size
@@ -251,6 +277,19 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
                 "non-empty tuple of positive ints"
             )
         number("max_iter", 1, integer=True)
+        number("n_dequantization_samples", 1, integer=True)
+        number("dequantizer_n_couplings", 0, integer=True)
+        number("dequantizer_max_iter", 1, integer=True)
+        dsizes = self.dequantizer_hidden_layer_sizes
+        if (
+            not isinstance(dsizes, (tuple, list))
+            or not all(isinstance(h, numbers.Integral) and not isinstance(h, bool) and h > 0
+                       for h in dsizes)
+        ):
+            raise ValueError(
+                f"dequantizer_hidden_layer_sizes={dsizes!r} is not valid; expected a tuple of "
+                "positive ints"
+            )
         number("batch_size", 1, integer=True)
         number("learning_rate", 0, low_open=True)
         number("ema_decay", 0, 1, high_open=True)
@@ -340,15 +379,23 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
         seed = self._seed_from(self.random_state)
         rng = np.random.default_rng(seed)
 
+        if self.dequantization is not None:
+            check_integer_valued(X, getattr(self, "feature_names_in_", None))
         if not warm:
             self.device_ = _resolve_device(str(self.device))
             self.sde_ = get_sde(self.sde)
             self.eps_ = float(self.sde_.default_eps if self.eps is None else self.eps)
             X64 = X.astype(np.float64, copy=False)
-            self.mean_ = X64.mean(axis=0)
-            scale = X64.std(axis=0)
+            mean, var = X64.mean(axis=0), X64.var(axis=0)
+            if self.dequantization is not None:
+                # Moments of x + u with u ~ U[0, 1): shifted by 1/2, variance + 1/12.
+                mean, var = mean + 0.5, var + 1.0 / 12.0
+                self.data_min_ = X64.min(axis=0)
+                self.data_max_ = X64.max(axis=0)
+            self.mean_ = mean
+            scale = np.sqrt(var)
             # Constant columns keep unit scale (no log-det blow-up).
-            self.scale_ = np.where(scale > 1e-12 * np.maximum(1.0, np.abs(self.mean_)), scale, 1.0)
+            self.scale_ = np.where(scale > 1e-12 * np.maximum(1.0, np.abs(mean)), scale, 1.0)
 
         n = X.shape[0]
         val_idx = None
@@ -364,16 +411,24 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
         else:
             train_idx = np.arange(n)
 
-        Z = self._standardize(X)
-        Z_train = self._to_tensor(Z[train_idx])
         generator = torch.Generator(device=self.device_).manual_seed(seed)
+        batch_transform = None
+        if self.dequantization is None:
+            X_train = self._to_tensor(self._standardize(X[train_idx]))
+        else:
+            # Fresh uniform dequantization noise for every mini-batch (the score model is
+            # trained on uniformly dequantized data for both dequantization modes).
+            X_train = self._to_tensor(X[train_idx])
+            mean_t, scale_t = self._to_tensor(self.mean_), self._to_tensor(self.scale_)
+
+            def batch_transform(batch: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+                u = torch.rand(batch.shape, generator=g, device=batch.device, dtype=batch.dtype)
+                return (batch + u - mean_t) / scale_t
 
         if not warm:
             # Module initialisation draws from the global RNG: fork it so the user's state is
             # untouched, and seed it so the initialisation is reproducible.
-            devices = [self.device_] if self.device_.type == "cuda" else []
-            with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(seed)
+            with self._forked_rng(seed):
                 net = ScoreMLP(self.n_features_in_, self.sde_, self._hidden_sizes())
             net = net.to(device=self.device_, dtype=self._torch_dtype)
             self._train_state = None
@@ -384,12 +439,15 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
 
         validation_fn = None
         if val_idx is not None:
-            V = self._to_tensor(Z[val_idx[:2000]])
+            X_val = X[val_idx[:2000]].astype(np.float64)
+            if self.dequantization is not None:
+                X_val = X_val + np.random.default_rng(seed + 2).random(X_val.shape)
+            V = self._to_tensor(self._standardize(X_val))
             validation_fn = self._validation_fn(V, seed + 1)
 
         state = train_score_model(
             net,
-            Z_train,
+            X_train,
             self.sde_,
             weighting=self.weighting,
             eps=self.eps_,
@@ -399,6 +457,7 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
             warmup=min(200, max(1, int(self.max_iter) // 10)),
             ema_decay=float(self.ema_decay),
             generator=generator,
+            batch_transform=batch_transform,
             validation_fn=validation_fn,
             validation_interval=max(50, int(self.max_iter) // 50),
             early_stopping=bool(self.early_stopping),
@@ -424,16 +483,95 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
             self.validation_scores_ = None
             self.best_validation_score_ = None
         self.fit_time_ = state.fit_time
+
+        self.dequantizer_ = None
+        self.dequantizer_loss_curve_ = None
+        if self.dequantization == "variational":
+            self._fit_dequantizer(X[train_idx], seed)
         return self
 
+    def _forked_rng(self, seed: int) -> Any:
+        devices = [self.device_] if self.device_.type == "cuda" else []
+        ctx = torch.random.fork_rng(devices=devices)
+
+        class _Seeded:
+            def __enter__(self_inner) -> None:
+                ctx.__enter__()
+                torch.manual_seed(seed)
+
+            def __exit__(self_inner, *exc: Any) -> None:
+                ctx.__exit__(*exc)
+
+        return _Seeded()
+
+    def _fit_dequantizer(self, X_train: np.ndarray, seed: int) -> None:
+        """Train ``q(u | x)`` with the (EMA) score network frozen (ScoreFlow's schedule)."""
+        with self._forked_rng(seed + 3):
+            deq = VariationalDequantizer(
+                self.n_features_in_,
+                tuple(int(h) for h in self.dequantizer_hidden_layer_sizes),
+                int(self.dequantizer_n_couplings),
+            )
+        deq = deq.to(device=self.device_, dtype=self._torch_dtype)
+        mean_t, scale_t = self._to_tensor(self.mean_), self._to_tensor(self.scale_)
+        net, sde, eps = self.network_, self.sde_, self.eps_
+        for p in net.parameters():
+            p.requires_grad_(False)
+
+        def nll_fn(x: torch.Tensor, u: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+            # Bound on -log p(x + u) in standardised units; the log-det is a constant.
+            return nll_bound_estimate(net, (x + u - mean_t) / scale_t, sde, eps=eps, generator=g)
+
+        g = torch.Generator(device=self.device_).manual_seed(seed + 4)
+        ema, curve = train_dequantizer(
+            deq,
+            self._to_tensor(X_train),
+            nll_fn,
+            condition=lambda x: (x - mean_t) / scale_t,
+            max_iter=int(self.dequantizer_max_iter),
+            generator=g,
+        )
+        self.dequantizer_ = ema
+        self.dequantizer_loss_curve_ = curve
+
     # ------------------------------------------------------------------ evaluation
-    def _check_X(self, X: Any) -> torch.Tensor:
+    def _check_X(self, X: Any) -> np.ndarray:
         check_is_fitted(self, "network_")
         X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
-        return self._to_tensor(self._standardize(X))
+        if self.dequantization is not None:
+            check_integer_valued(X, getattr(self, "feature_names_in_", None))
+        return X
+
+    def _evaluate(self, X: np.ndarray, log_density: Any, seed: int) -> np.ndarray:
+        """``log_density(Z) -> (n,)`` on standardised rows, in X's units; for dequantized
+        models the K-sample (importance-weighted) dequantization bound on ``log P(x)``."""
+        if self.dequantization is None:
+            ll = log_density(self._to_tensor(self._standardize(X)))
+            return ll.detach().cpu().numpy().astype(np.float64) + self._log_det
+        g = torch.Generator(device=self.device_).manual_seed(seed)
+        x = self._to_tensor(X)
+        mean_t, scale_t = self._to_tensor(self.mean_), self._to_tensor(self.scale_)
+        terms = []
+        for _ in range(int(self.n_dequantization_samples)):
+            with torch.no_grad():
+                if self.dequantizer_ is None:
+                    u = torch.rand(x.shape, generator=g, device=x.device, dtype=x.dtype)
+                    log_q = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+                else:
+                    u, log_q = self.dequantizer_.sample((x - mean_t) / scale_t, g)
+            ll = log_density((x + u - mean_t) / scale_t)
+            terms.append((ll.detach() - log_q).double().cpu())
+        stacked = torch.stack(terms)
+        lme = torch.logsumexp(stacked, 0) - math.log(stacked.shape[0])
+        return lme.numpy() + self._log_det
 
     def score_samples(self, X: Any) -> np.ndarray:
         """Log-density of each row under the probability-flow ODE model.
+
+        For a dequantized model (``dequantization`` set), a lower bound on the log-probability
+        ``log P(X = x)`` of each integer row: ``log p(x + u) - log q(u | x)`` averaged over
+        ``n_dequantization_samples`` draws of ``u`` in the log-mean-exp (importance-weighted)
+        sense.
 
         Parameters
         ----------
@@ -442,19 +580,22 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
         Returns
         -------
         log_density : ndarray of shape (n_samples,)
-            Natural-log density in the units of ``X``.
+            Natural-log density in the units of ``X`` (log-probability for dequantized models).
         """
-        Z = self._check_X(X)
-        ll = ode_log_likelihood(
-            self.network_,
-            Z,
-            self.sde_,
-            eps=self.eps_,
-            divergence=self.divergence,
-            generator=torch.Generator(device=self.device_).manual_seed(0),
-            **self._solver_kwargs(),
-        )
-        return ll.detach().cpu().numpy().astype(np.float64) + self._log_det
+        X = self._check_X(X)
+
+        def ode(Z: torch.Tensor) -> torch.Tensor:
+            return ode_log_likelihood(
+                self.network_,
+                Z,
+                self.sde_,
+                eps=self.eps_,
+                divergence=self.divergence,
+                generator=torch.Generator(device=self.device_).manual_seed(0),
+                **self._solver_kwargs(),
+            )
+
+        return self._evaluate(X, ode, seed=1)
 
     def score(self, X: Any, y: Any = None) -> float:
         """Mean log-likelihood of ``X`` (probability-flow ODE), the GridSearchCV criterion.
@@ -497,22 +638,46 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
         Returns
         -------
         ndarray of shape (n_samples,)
-            In nats, in the units of ``X``.
+            In nats, in the units of ``X``.  For dequantized models, a lower bound on
+            ``log P(X = x)`` built from the bound on ``log p(x + u)`` (see ``score_samples``).
         """
-        Z = self._check_X(X)
-        g = torch.Generator(device=self.device_).manual_seed(self._seed_from(random_state))
-        with torch.no_grad():
-            lb = likelihood_bound(
-                self.network_,
-                Z,
-                self.sde_,
-                eps=self.eps_,
-                n_time_samples=n_time_samples,
-                importance_sampling=importance_sampling,
-                offset=offset,
-                generator=g,
-            )
-        return lb.cpu().numpy().astype(np.float64) + self._log_det
+        X = self._check_X(X)
+        seed = self._seed_from(random_state)
+        g = torch.Generator(device=self.device_).manual_seed(seed)
+
+        def lower_bound(Z: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return likelihood_bound(
+                    self.network_,
+                    Z,
+                    self.sde_,
+                    eps=self.eps_,
+                    n_time_samples=n_time_samples,
+                    importance_sampling=importance_sampling,
+                    offset=offset,
+                    generator=g,
+                )
+
+        return self._evaluate(X, lower_bound, seed=seed + 1)
+
+    def bits_per_dim(self, X: Any) -> float:
+        """Mean ``-score_samples(X) / (d ln 2)``: bits per dimension of the rows of ``X``.
+
+        For dequantized models this is an upper bound on the discrete code length
+        ``-log2 P(x) / d``; for continuous data it is in the units of ``X`` and may be
+        negative (see :mod:`skscoreflow.metrics` for the conventions).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+
+        Returns
+        -------
+        float
+        """
+        from .metrics import bits_per_dim
+
+        return bits_per_dim(self.score_samples(X), self.n_features_in_)
 
     def sample(
         self, n_samples: int = 1, random_state: Any = None, method: str = "ode"
@@ -530,7 +695,8 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
         Returns
         -------
         ndarray of shape (n_samples, n_features_in_)
-            In the units of ``X``.
+            In the units of ``X`` (float64), or integers (int64) clipped to the training range
+            for dequantized models.
         """
         check_is_fitted(self, "network_")
         if isinstance(n_samples, bool) or not isinstance(n_samples, numbers.Integral) or n_samples < 1:
@@ -546,7 +712,11 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
         if method == "ode":
             kwargs.update(self._solver_kwargs())
         z = SAMPLERS[method](self.network_, self.sde_, int(n_samples), self.n_features_in_, **kwargs)
-        return z.detach().cpu().numpy().astype(np.float64) * self.scale_ + self.mean_
+        samples = z.detach().cpu().numpy().astype(np.float64) * self.scale_ + self.mean_
+        if self.dequantization is not None:
+            # x + u has x = floor(x + u); clip to the integer range seen in training.
+            return np.clip(np.floor(samples), self.data_min_, self.data_max_).astype(np.int64)
+        return samples
 
     # ------------------------------------------------------------------ persistence
     def __getstate__(self) -> dict[str, Any]:
@@ -556,7 +726,14 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
             # GPU must load on a CPU-only machine.
             state.pop("network_")
             ts = state.pop("_train_state", None)
-            state["_network_blob"] = _network_blob(self.network_, ts)
+            blob = _network_blob(self.network_, ts)
+            deq = state.pop("dequantizer_", None)
+            if deq is not None:
+                blob["dequantizer"] = {
+                    "config": json.dumps(deq.config()),
+                    "state": {k: v.detach().cpu().clone() for k, v in deq.state_dict().items()},
+                }
+            state["_network_blob"] = blob
             state["device_"] = str(self.device_)
             state["sde_"] = {"name": self.sde_.name, **self.sde_.config()}
         return state
@@ -579,6 +756,12 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
         self.network_, self._train_state = _restore_network(
             blob, self.sde_, device, _DTYPES[self.dtype], self.learning_rate
         )
+        self.dequantizer_ = None
+        if blob.get("dequantizer") is not None:
+            cfg = json.loads(blob["dequantizer"]["config"])
+            deq = VariationalDequantizer(**cfg)
+            deq.load_state_dict(blob["dequantizer"]["state"])
+            self.dequantizer_ = deq.to(device=device, dtype=_DTYPES[self.dtype]).eval()
 
     def save(self, path: str) -> None:
         """Save the fitted estimator to ``path`` in a format that runs no code on load.
@@ -613,10 +796,23 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
         -------
         ScoreFlowDensity
         """
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except OSError:
+            raise
+        except Exception as exc:  # not a torch file, or one holding more than tensors
+            raise ValueError(
+                f"{path!s} is not a skscoreflow model file (torch.load failed: "
+                f"{type(exc).__name__})"
+            ) from exc
         if not isinstance(data, dict) or "meta" not in data or "network" not in data:
             raise ValueError(f"{path!s} is not a skscoreflow model file")
-        meta = json.loads(data["meta"])
+        try:
+            meta = json.loads(data["meta"])
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{path!s} is not a skscoreflow model file (bad metadata)") from exc
+        if not isinstance(meta, dict):
+            raise ValueError(f"{path!s} is not a skscoreflow model file (bad metadata)")
         if meta.get("class") != cls.__name__:
             raise ValueError(f"{path!s} holds a {meta.get('class')!r}, not a {cls.__name__}")
         if meta.get("format_version", 0) > _FORMAT_VERSION:
@@ -624,12 +820,12 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
                 f"{path!s} was written by a newer skscoreflow (format "
                 f"{meta['format_version']}); upgrade to load it"
             )
-        params = meta["params"]
-        if isinstance(params.get("hidden_layer_sizes"), list):
-            params["hidden_layer_sizes"] = tuple(params["hidden_layer_sizes"])
+        # JSON turns tuples into lists: restore every list-valued parameter (hidden_layer_sizes,
+        # dequantizer_hidden_layer_sizes) so get_params() round-trips.
+        params = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["params"].items()}
         est = cls(**params)
         fitted = meta["fitted"]
-        for key in ("mean_", "scale_", "feature_names_in_"):
+        for key in ("mean_", "scale_", "data_min_", "data_max_", "feature_names_in_"):
             if key in fitted and fitted[key] is not None:
                 fitted[key] = np.asarray(fitted[key], dtype=object if key == "feature_names_in_" else np.float64)
         state = dict(fitted)

@@ -47,7 +47,7 @@ from torch import Tensor
 
 from .sde import SDE, get_sde
 
-__all__ = ["likelihood_bound"]
+__all__ = ["likelihood_bound", "nll_bound_estimate"]
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -125,24 +125,13 @@ def likelihood_bound(
                 t = sde.sample_uniform_time(m * k, eps, generator=generator, device=dev, dtype=dt)
             x0 = xc.repeat_interleave(k, dim=0)
             z = torch.randn(x0.shape, generator=generator, device=dev, dtype=dt)
-            xt = sde.perturb(x0, t, z)
-            sigma = sde.std(t)[:, None]
-            score = score_fn(xt, t)
-            # sigma^2 ||s + z/sigma||^2 minus the reference model's value; the reference's
-            # expectation is added back by quadrature below (control variate).
-            h = (sigma * score + z).pow(2).sum(-1) - _reference_residual(sde, xt, t, z)
-            if importance_sampling:
-                w = torch.full_like(t, z_norm)  # Z sigma^2/g^2 * g^2/sigma^2
-            else:
-                w = (sde.T - eps) * sde.likelihood_weight_ratio(t)
-            h = (w * h).double().reshape(m, k)
+            h = _weighted_integrand(score_fn, x0, t, z, sde, eps, importance_sampling, z_norm)
+            h = h.double().reshape(m, k)
             sums[start : start + m] = h.sum(1)
             sq_sums[start : start + m] = h.pow(2).sum(1)
     mean = sums / k
     var = (sq_sums / k - mean.pow(2)).clamp_min(0) * k / max(k - 1, 1)
-    k1, k2 = _reference_integrals((sde.name, tuple(sde.config().items())), eps)
-    x_sq = x.double().pow(2).sum(-1)
-    diffusion = (0.5 * (mean - d * k1 + k2 * x_sq)).to(dt)
+    diffusion = (0.5 * (mean + _reference_expectation(sde, eps, x.double()))).to(dt)
     diffusion_stderr = (0.5 * (var / k).sqrt()).to(dt)
 
     if offset:
@@ -162,8 +151,82 @@ def likelihood_bound(
     return -nll, terms
 
 
+def nll_bound_estimate(
+    score_fn: ScoreFn,
+    x: Tensor,
+    sde: SDE,
+    *,
+    eps: float | None = None,
+    offset: bool = True,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """One-sample, differentiable estimate of Theorem 3's bound on ``-log p_SDE(x)`` per row.
+
+    One importance-sampled time, one noise draw and one offset draw per row, with gradients
+    flowing to ``x`` (and to the score model's parameters if they require them).  Its
+    expectation equals ``-likelihood_bound(...)``; this is the per-step objective for training a
+    variational dequantizer with the score model frozen.
+
+    Parameters
+    ----------
+    score_fn, x, sde, eps, offset, generator
+        As in :func:`likelihood_bound`.
+
+    Returns
+    -------
+    Tensor of shape (n,)
+    """
+    n, d = x.shape
+    eps = sde.default_eps if eps is None else float(eps)
+    dev, dt = x.device, x.dtype
+    z_norm = sde.importance_normalizer(eps).item()
+    t = sde.sample_importance_time(n, eps, generator=generator, device=dev, dtype=dt)
+    z = torch.randn(x.shape, generator=generator, device=dev, dtype=dt)
+    h = _weighted_integrand(score_fn, x, t, z, sde, eps, True, z_norm)
+    diffusion = 0.5 * (h + _reference_expectation(sde, eps, x))
+    nll = sde.expected_prior_nll(x) + diffusion - sde.drift_divergence_integral(eps, d)
+    if offset:
+        nll = nll + _eps_offset(score_fn, x, sde, eps, generator, no_grad=False)
+    return nll
+
+
+def _weighted_integrand(
+    score_fn: ScoreFn,
+    x0: Tensor,
+    t: Tensor,
+    z: Tensor,
+    sde: SDE,
+    eps: float,
+    importance_sampling: bool,
+    z_norm: float,
+) -> Tensor:
+    """Monte-Carlo integrand of the time integral, with its importance weight.
+
+    ``sigma^2 ||s + z/sigma||^2`` minus the reference model's value on the same ``(t, z)``; the
+    reference's expectation is added back by :func:`_reference_expectation` (control variate).
+    """
+    xt = sde.perturb(x0, t, z)
+    sigma = sde.std(t)[:, None]
+    score = score_fn(xt, t)
+    h = (sigma * score + z).pow(2).sum(-1) - _reference_residual(sde, xt, t, z)
+    if importance_sampling:
+        return z_norm * h  # Z sigma^2/g^2 * g^2/sigma^2
+    return (sde.T - eps) * sde.likelihood_weight_ratio(t) * h
+
+
+def _reference_expectation(sde: SDE, eps: float, x: Tensor) -> Tensor:
+    """``∫_eps^T (g^2/sigma^2) (E||sigma s_ref + z||^2 - d) dt`` per row of ``x``."""
+    k1, k2 = _reference_integrals((sde.name, tuple(sde.config().items())), eps)
+    return k2 * x.pow(2).sum(-1) - x.shape[1] * k1
+
+
 def _eps_offset(
-    score_fn: ScoreFn, x: Tensor, sde: SDE, eps: float, generator: torch.Generator
+    score_fn: ScoreFn,
+    x: Tensor,
+    sde: SDE,
+    eps: float,
+    generator: torch.Generator | None,
+    no_grad: bool = True,
 ) -> Tensor:
     """Gaussian-decoder NLL at ``t = eps`` minus the entropy of ``q(x_eps | x)``."""
     n, d = x.shape
@@ -171,7 +234,7 @@ def _eps_offset(
     z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     alpha = sde.mean_coeff(t)[:, None]
     sigma = sde.std(t)[:, None]
-    with torch.no_grad():
+    with torch.set_grad_enabled(not no_grad and torch.is_grad_enabled()):
         score = score_fn(alpha * x + sigma * z, t)
     # (x - mu) / tau = -(sigma s + z) exactly; computed this way to avoid cancellation.
     # decoder NLL - entropy = d log(1/alpha) + (||sigma s + z||^2 - d) / 2; the reference

@@ -127,12 +127,15 @@ def _write_table(path: str | None, columns: dict[str, np.ndarray]) -> None:
     import pandas as pd
 
     df = pd.DataFrame(columns)
-    if path is None or path == "-":
-        df.to_csv(sys.stdout, index=False)
-    elif path.endswith(".npy"):
-        np.save(path, df.to_numpy())
-    else:
-        df.to_csv(path, index=False)
+    try:
+        if path is None or path == "-":
+            df.to_csv(sys.stdout, index=False)
+        elif path.endswith(".npy"):
+            np.save(path, df.to_numpy())
+        else:
+            df.to_csv(path, index=False)
+    except OSError as exc:
+        raise CLIError(f"{path}: cannot write the output ({exc})") from exc
 
 
 def _load_model(path: str) -> Any:
@@ -159,9 +162,12 @@ def cmd_fit(args: argparse.Namespace) -> int:
             est.fit(pd.DataFrame(X, columns=columns))
         else:
             est.fit(X)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, FloatingPointError) as exc:
         raise CLIError(f"fit failed: {exc}") from exc
-    est.save(args.output)
+    try:
+        est.save(args.output)
+    except (OSError, RuntimeError) as exc:  # torch.save raises RuntimeError for a missing dir
+        raise CLIError(f"{args.output}: cannot write the model ({exc})") from exc
     print(
         f"fitted {X.shape[0]} rows x {X.shape[1]} features in {est.fit_time_:.1f} s "
         f"({est.n_iter_} steps); model written to {args.output}",
@@ -341,7 +347,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except CLIError as exc:
-        print(f"skscoreflow {args.command}: error: {exc}", file=sys.stderr)
+        # One line: library messages (e.g. scikit-learn's NaN message) may contain newlines.
+        message = " ".join(str(exc).split())
+        print(f"skscoreflow {args.command}: error: {message}", file=sys.stderr)
         return exc.code
 
 

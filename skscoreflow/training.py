@@ -21,6 +21,7 @@ Examples
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -100,6 +101,28 @@ def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
         be.copy_(b)
 
 
+@contextlib.contextmanager
+def _global_rng_from(generator: torch.Generator, device: torch.device) -> Any:
+    """Run a block with the global RNG of ``device`` seeded from ``generator``, then restore it.
+
+    Modules that draw from the global RNG (``nn.Dropout``) then become reproducible from
+    ``generator`` and leave the caller's global RNG untouched.  The seed is drawn from a copy
+    of ``generator``, so ``generator``'s own stream (batches, times, noise) is unchanged.
+    """
+    probe = torch.Generator(device=generator.device)
+    probe.set_state(generator.get_state())
+    seed = int(torch.randint(0, 2**62, (1,), generator=probe, device=generator.device))
+    cuda = device.type == "cuda"
+    index = device.index
+    if cuda and index is None:
+        index = torch.cuda.current_device()
+    with torch.random.fork_rng(devices=[index] if cuda else [], device_type="cuda"):
+        torch.random.default_generator.manual_seed(seed)
+        if cuda:
+            torch.cuda.default_generators[index].manual_seed(seed)
+        yield
+
+
 def _progress(total: int, verbose: int) -> Any:
     if verbose <= 0:
         return None
@@ -125,6 +148,7 @@ def train_score_model(
     ema_decay: float = 0.999,
     weight_decay: float = 0.0,
     generator: torch.Generator | None = None,
+    batch_transform: Callable[[Tensor, torch.Generator], Tensor] | None = None,
     validation_fn: Callable[[nn.Module], float] | None = None,
     validation_interval: int = 200,
     early_stopping: bool = False,
@@ -163,6 +187,9 @@ def train_score_model(
         Decoupled weight decay (AdamW); 0 gives plain Adam.
     generator : torch.Generator, optional
         Source of all randomness (a generator seeded with 0 when None).
+    batch_transform : callable, optional
+        ``batch_transform(batch, generator) -> batch`` applied to every mini-batch (e.g. fresh
+        dequantization noise and standardisation).
     validation_fn : callable, optional
         ``validation_fn(ema_model) -> float``, higher is better; called every
         ``validation_interval`` steps and at the end.
@@ -216,56 +243,59 @@ def train_score_model(
     no_improve = 0
     model.train()
     try:
-        for it in range(max_iter):
-            if pos + batch_size > n:
-                perm = torch.randperm(n, generator=generator, device=X.device)
-                pos = 0
-            batch = X[perm[pos : pos + batch_size]]
-            pos += batch_size
+        with _global_rng_from(generator, X.device):
+            for it in range(max_iter):
+                if pos + batch_size > n:
+                    perm = torch.randperm(n, generator=generator, device=X.device)
+                    pos = 0
+                batch = X[perm[pos : pos + batch_size]]
+                pos += batch_size
+                if batch_transform is not None:
+                    batch = batch_transform(batch, generator)
 
-            lr = learning_rate_at(it, max_iter, learning_rate, warmup)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss = dsm_loss(model, batch, sde, weighting, eps, generator=generator).mean()
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"training loss became {loss.item()} at step {state.n_iter + 1}; try a "
-                    "smaller learning_rate, gradient clipping, or a larger eps"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if grad_clip is not None and grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            optimizer.step()
-            # Early in training a plain average is better than a long EMA (warm-up of the
-            # decay, as in many diffusion codebases).
-            decay = min(ema_decay, (1 + state.n_iter) / (10 + state.n_iter))
-            _ema_update(ema_model, model, decay)
-            state.n_iter += 1
-            state.loss_curve.append(float(loss.detach()))
-            if bar is not None:
-                bar.update(1)
-                if it % 50 == 0:
-                    bar.set_postfix(loss=f"{state.loss_curve[-1]:.4f}")
+                lr = learning_rate_at(it, max_iter, learning_rate, warmup)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                loss = dsm_loss(model, batch, sde, weighting, eps, generator=generator).mean()
+                if not torch.isfinite(loss):
+                    raise NonFiniteLossError(
+                        f"training loss became {loss.item()} at step {state.n_iter + 1}; try a "
+                        "smaller learning_rate, gradient clipping, or a larger eps"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if grad_clip is not None and grad_clip > 0:
+                    nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+                optimizer.step()
+                # Early in training a plain average is better than a long EMA (warm-up of the
+                # decay, as in many diffusion codebases).
+                decay = min(ema_decay, (1 + state.n_iter) / (10 + state.n_iter))
+                _ema_update(ema_model, model, decay)
+                state.n_iter += 1
+                state.loss_curve.append(float(loss.detach()))
+                if bar is not None:
+                    bar.update(1)
+                    if it % 50 == 0:
+                        bar.set_postfix(loss=f"{state.loss_curve[-1]:.4f}")
 
-            last = it == max_iter - 1
-            if validation_fn is not None and ((it + 1) % validation_interval == 0 or last):
-                ema_model.eval()
-                score = float(validation_fn(ema_model))
-                state.validation_scores.append(score)
-                state.validation_iters.append(state.n_iter)
-                if verbose > 0:
-                    logger.info("step %d: validation score %.5f", state.n_iter, score)
-                best = state.best_validation_score
-                if best is None or score > best + tol:
-                    state.best_validation_score = score
-                    state.best_state = copy.deepcopy(ema_model.state_dict())
-                    no_improve = 0
-                else:
-                    no_improve += 1
-                if early_stopping and no_improve >= n_iter_no_change:
-                    state.stopped_early = True
-                    break
+                last = it == max_iter - 1
+                if validation_fn is not None and ((it + 1) % validation_interval == 0 or last):
+                    ema_model.eval()
+                    score = float(validation_fn(ema_model))
+                    state.validation_scores.append(score)
+                    state.validation_iters.append(state.n_iter)
+                    if verbose > 0:
+                        logger.info("step %d: validation score %.5f", state.n_iter, score)
+                    best = state.best_validation_score
+                    if best is None or score > best + tol:
+                        state.best_validation_score = score
+                        state.best_state = copy.deepcopy(ema_model.state_dict())
+                        no_improve = 0
+                    else:
+                        no_improve += 1
+                    if early_stopping and no_improve >= n_iter_no_change:
+                        state.stopped_early = True
+                        break
     finally:
         if bar is not None:
             bar.close()

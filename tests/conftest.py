@@ -3,7 +3,8 @@
 * ``--device`` (default ``cpu``) and ``--dtype`` (default ``float64``) choose where and in which
   precision the analytic-oracle tests run (zuko-style options), exposed as the ``device`` and
   ``dtype`` fixtures.
-* torch uses 2 intra-op threads so timings are comparable with CI runners.
+* torch uses 2 intra-op threads so timings are comparable with CI runners
+  (``SKSCOREFLOW_TEST_THREADS`` overrides).
 * The hypothesis profile "ci" (no deadline, few examples) is loaded by default; pass
   ``--hypothesis-profile=<name>`` to use another one.
 * Fixtures ``gaussian_oracle`` and ``spd`` give the Gaussian analytic oracle of spec §12
@@ -13,12 +14,14 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
-torch.set_num_threads(2)
+# 2 threads like the CI runners; SKSCOREFLOW_TEST_THREADS overrides (e.g. 1 on a busy machine).
+torch.set_num_threads(int(os.environ.get("SKSCOREFLOW_TEST_THREADS", "2")))
 
 settings.register_profile(
     "ci",
@@ -133,6 +136,26 @@ class GaussianOracle:
         y = (x - self.sde.mean_coeff(e) * self.mean) @ self.U
         return self.sde.mean_coeff(T) * self.mean + (y * ratio) @ self.U.T
 
+    def inverse_flow(self, z, eps):
+        """``Phi^{-1}``: the exact probability-flow map from ``t = T`` back to ``t = eps``."""
+        e = self._t(eps, z)
+        T = self._t(self.sde.T, z)
+        ratio = torch.sqrt(self.variances(e) / self.variances(T))
+        y = (z - self.sde.mean_coeff(T) * self.mean) @ self.U
+        return self.sde.mean_coeff(e) * self.mean + (y * ratio) @ self.U.T
+
+    def expected_log_prob(self, m, s2, t):
+        """``E_{y ~ N(m, s2 I)}[log p_t(y)]`` in closed form, per row of ``m``."""
+        tt = self._t(t, m)
+        c = self.variances(tt)
+        y = (m - self.sde.mean_coeff(tt) * self.mean) @ self.U
+        return -0.5 * (
+            self.d * math.log(2 * math.pi)
+            + torch.log(c).sum()
+            + (y**2 / c).sum(-1)
+            + s2 * (1 / c).sum()
+        )
+
     def ode_log_prob(self, x, eps):
         """Exact log-density of the probability-flow ODE model (prior pushed through Phi)."""
         e = self._t(eps, x)
@@ -148,14 +171,7 @@ class GaussianOracle:
         T = self._t(self.sde.T, x)
         a, s = self._coeffs(T)
         m = a * x  # kernel mean; kernel variance s^2 I
-        c = self.variances(T)
-        y = (m - a * self.mean) @ self.U
-        e_log_pT = -0.5 * (
-            self.d * math.log(2 * math.pi)
-            + torch.log(c).sum()
-            + (y**2 / c).sum(-1)
-            + s**2 * (1 / c).sum()
-        )
+        e_log_pT = self.expected_log_prob(m, s**2, T)
         v = self.sde.prior_std**2
         e_log_pi = -0.5 * self.d * math.log(2 * math.pi * v) - (
             m.pow(2).sum(-1) + self.d * s**2

@@ -1,0 +1,118 @@
+"""Shared helpers of the benchmark scripts: anchors, timing with machine load, table output."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+OUT_DIR = os.path.join(os.path.dirname(__file__), "..", "docs", "benchmarks")
+
+
+def load_average() -> float:
+    """1-minute load average (recorded beside every timing: the machine is shared)."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:  # pragma: no cover
+        return float("nan")
+
+
+def machine() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    return (
+        f"{platform.system()} {cpu}, {os.cpu_count()} cores, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads)"
+    )
+
+
+@dataclass
+class Timer:
+    seconds: float = 0.0
+    load: float = float("nan")
+
+    def __enter__(self) -> "Timer":
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.seconds = time.perf_counter() - self._t0
+        self.load = load_average()
+
+
+def mean_se(values: np.ndarray) -> tuple[float, float]:
+    values = np.asarray(values, dtype=np.float64)
+    return float(values.mean()), float(values.std(ddof=1) / np.sqrt(len(values)))
+
+
+def fit_gmm(X: np.ndarray, components=(4, 8, 16, 32, 64, 128), seed: int = 0):
+    """GaussianMixture with the number of components chosen by 3-fold CV log-likelihood."""
+    from sklearn.mixture import GaussianMixture
+    from sklearn.model_selection import GridSearchCV, KFold
+
+    search = GridSearchCV(
+        GaussianMixture(covariance_type="full", random_state=seed, max_iter=300, n_init=1),
+        {"n_components": list(components)},
+        cv=KFold(3, shuffle=True, random_state=seed),
+        n_jobs=1,
+    ).fit(X)
+    return search.best_estimator_, search.best_params_["n_components"]
+
+
+def fit_kde(X: np.ndarray, seed: int = 0):
+    """KernelDensity (Gaussian kernel) with the bandwidth chosen by 3-fold CV on standardised data."""
+    from sklearn.model_selection import GridSearchCV, KFold
+    from sklearn.neighbors import KernelDensity
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler().fit(X)
+    Z = scaler.transform(X)
+    search = GridSearchCV(
+        KernelDensity(),
+        {"bandwidth": np.geomspace(0.01, 1.0, 15)},
+        cv=KFold(3, shuffle=True, random_state=seed),
+    ).fit(Z)
+    kde = search.best_estimator_
+    log_det = -np.log(scaler.scale_).sum()
+
+    class _Scaled:
+        bandwidth = search.best_params_["bandwidth"]
+
+        def score_samples(self, Xq: np.ndarray) -> np.ndarray:
+            return kde.score_samples(scaler.transform(Xq)) + log_det
+
+    return _Scaled(), search.best_params_["bandwidth"]
+
+
+def write_table(df: pd.DataFrame, name: str, title: str, notes: str = "") -> None:
+    """Write ``docs/benchmarks/<name>.csv`` and ``.md`` (Markdown with a header and notes)."""
+    os.makedirs(OUT_DIR, exist_ok=True)
+    df.to_csv(os.path.join(OUT_DIR, f"{name}.csv"), index=False)
+    with open(os.path.join(OUT_DIR, f"{name}.md"), "w") as fh:
+        fh.write(f"# {title}\n\n")
+        fh.write(f"Machine: {machine()}.\n\n")
+        if notes:
+            fh.write(notes.strip() + "\n\n")
+        fh.write(markdown_table(df))
+
+
+def markdown_table(df: pd.DataFrame) -> str:
+    """A GitHub Markdown table (floats with 4 decimals), without extra dependencies."""
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, (float, np.floating)):
+            return "" if np.isnan(v) else f"{v:.4f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(map(str, df.columns)) + " |"]
+    lines.append("|" + "|".join("---" for _ in df.columns) + "|")
+    for row in df.itertuples(index=False):
+        lines.append("| " + " | ".join(fmt(v) for v in row) + " |")
+    return "\n".join(lines) + "\n"

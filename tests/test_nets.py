@@ -1,0 +1,133 @@
+"""Tests of :mod:`skscoreflow.nets`: the residual score MLP and its noise-level embedding."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from skscoreflow.nets import NoiseLevelEmbedding, ScoreMLP
+from skscoreflow.sde import VESDE, VPSDE, SubVPSDE
+
+F64 = torch.float64
+ALL_SDES = [VPSDE(), SubVPSDE(), VESDE()]
+ALL_IDS = ["vp", "subvp", "ve"]
+
+
+def _randomise_output(net: ScoreMLP, seed: int = 0) -> ScoreMLP:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        net.out.weight.copy_(0.1 * torch.randn(net.out.weight.shape, generator=g))
+        net.out.bias.copy_(0.1 * torch.randn(net.out.bias.shape, generator=g))
+    return net
+
+
+@pytest.mark.parametrize("sde", ALL_SDES, ids=ALL_IDS)
+def test_untrained_model_is_standard_normal_score(sde):
+    """Zero-initialised output: the score is -x / (alpha^2 + sigma^2), exact for N(0, I) data."""
+    torch.manual_seed(0)
+    net = ScoreMLP(3, sde, hidden_layer_sizes=(16, 16)).double()
+    x = torch.randn(8, 3, dtype=F64)
+    t = torch.linspace(1e-5, 1, 8, dtype=F64)
+    var = sde.mean_coeff(t) ** 2 + sde.std(t) ** 2
+    torch.testing.assert_close(net(x, t), -x / var[:, None], rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("sde", ALL_SDES, ids=ALL_IDS)
+def test_score_is_minus_noise_over_sigma(sde):
+    torch.manual_seed(0)
+    net = _randomise_output(ScoreMLP(2, sde, hidden_layer_sizes=(16,)).double())
+    x = torch.randn(6, 2, dtype=F64)
+    t = torch.linspace(1e-3, 1, 6, dtype=F64)
+    torch.testing.assert_close(net(x, t), -net.noise(x, t) / sde.std(t)[:, None])
+    # the residual changes the output once the last layer is non-zero
+    var = sde.mean_coeff(t) ** 2 + sde.std(t) ** 2
+    assert not torch.allclose(net(x, t), -x / var[:, None])
+
+
+def test_shapes_scalar_time_and_dtype():
+    torch.manual_seed(0)
+    net = ScoreMLP(2, "vp", hidden_layer_sizes=(8, 8))
+    x = torch.randn(5, 2)
+    out = net(x, torch.tensor(0.5))
+    assert out.shape == (5, 2) and out.dtype == torch.float32
+    torch.testing.assert_close(out, net(x, torch.full((5,), 0.5)))
+    torch.testing.assert_close(out, net(x, 0.5))
+    net64 = ScoreMLP(4, VPSDE(), hidden_layer_sizes=(8,)).double()
+    assert net64(torch.randn(3, 4, dtype=F64), torch.rand(3, dtype=F64)).dtype == F64
+
+
+def test_rows_are_independent():
+    """A row's output does not depend on the other rows (needed by the batched divergence)."""
+    torch.manual_seed(0)
+    net = _randomise_output(ScoreMLP(3, VPSDE(), hidden_layer_sizes=(16, 16)).double())
+    x = torch.randn(7, 3, dtype=F64)
+    t = torch.rand(7, dtype=F64)
+    full = net(x, t)
+    for i in range(7):
+        torch.testing.assert_close(full[i : i + 1], net(x[i : i + 1], t[i : i + 1]))
+
+
+def test_gradients_reach_every_parameter():
+    torch.manual_seed(0)
+    net = _randomise_output(ScoreMLP(2, VPSDE(), hidden_layer_sizes=(8, 12)))
+    loss = net(torch.randn(16, 2), torch.rand(16)).pow(2).sum()
+    loss.backward()
+    for name, p in net.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+
+
+def test_config_round_trip():
+    torch.manual_seed(0)
+    net = ScoreMLP(
+        3, SubVPSDE(0.2, 15.0), hidden_layer_sizes=(8, 16), embedding_dim=10, dropout=0.1
+    )
+    cfg = json.loads(json.dumps(net.config()))  # JSON-serialisable
+    rebuilt = ScoreMLP.from_config(cfg)
+    assert rebuilt.config() == net.config()
+    assert isinstance(rebuilt.sde, SubVPSDE) and rebuilt.sde.config() == net.sde.config()
+    rebuilt.load_state_dict(net.state_dict())
+    net.eval()
+    rebuilt.eval()
+    x, t = torch.randn(4, 3), torch.rand(4)
+    torch.testing.assert_close(rebuilt(x, t), net(x, t))
+
+
+def test_dropout_active_only_in_train_mode():
+    torch.manual_seed(0)
+    net = _randomise_output(ScoreMLP(2, VPSDE(), hidden_layer_sizes=(32,), dropout=0.5))
+    x, t = torch.randn(64, 2), torch.rand(64)
+    net.eval()
+    torch.testing.assert_close(net(x, t), net(x, t))
+    net.train()
+    assert not torch.equal(net(x, t), net(x, t))
+
+
+@pytest.mark.parametrize("sizes", [(), (0,), (8, -1)])
+def test_invalid_hidden_sizes(sizes):
+    with pytest.raises(ValueError, match="hidden_layer_sizes"):
+        ScoreMLP(2, VPSDE(), hidden_layer_sizes=sizes)
+
+
+class TestNoiseLevelEmbedding:
+    def test_shape_and_bounds(self):
+        emb = NoiseLevelEmbedding(12)
+        out = emb(torch.linspace(-12, 4, 9))
+        assert out.shape == (9, 12)
+        assert out.abs().max() <= 1
+        # sin^2 + cos^2 = 1 per frequency
+        torch.testing.assert_close(out[:, :6] ** 2 + out[:, 6:] ** 2, torch.ones(9, 6))
+
+    def test_distinguishes_noise_levels(self):
+        emb = NoiseLevelEmbedding(32)
+        log_sigma = torch.log(VPSDE().std(torch.logspace(-5, 0, 50)))
+        out = emb(log_sigma)
+        d = torch.cdist(out, out) + torch.eye(50) * 1e3
+        assert d.min() > 1e-3
+
+    @pytest.mark.parametrize("dim", [0, 1, 7])
+    def test_invalid_dim(self, dim):
+        with pytest.raises(ValueError):
+            NoiseLevelEmbedding(dim)
