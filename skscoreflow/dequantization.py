@@ -23,8 +23,8 @@ Examples
 >>> deq = VariationalDequantizer(3)
 >>> x = torch.randint(0, 5, (4, 3)).double()
 >>> u, log_q = deq.to(torch.float64).sample(x, generator=torch.Generator().manual_seed(0))
->>> bool(((u > 0) & (u < 1)).all()), [round(v, 6) for v in log_q.tolist()]
-(True, [0.0, 0.0, 0.0, 0.0])
+>>> bool(((u > 0) & (u < 1)).all()), bool(log_q.abs().max() < 1e-6)  # untrained: uniform
+(True, True)
 """
 
 from __future__ import annotations

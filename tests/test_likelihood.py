@@ -285,7 +285,8 @@ def test_exact_divergence_is_jacobian_trace():
     value, div = divergence(_nonlinear, x, t, probes, exact=True)
     torch.testing.assert_close(value, _nonlinear(x, t))
     for i in range(6):
-        jac = torch.autograd.functional.jacobian(lambda r: _nonlinear(r[None], t[i : i + 1])[0], x[i])
+        row_fn = lambda r: _nonlinear(r[None], t[i : i + 1])[0]  # noqa: E731, B023
+        jac = torch.autograd.functional.jacobian(row_fn, x[i])
         assert float(div[i]) == pytest.approx(float(torch.trace(jac)), rel=1e-12, abs=1e-12)
 
 

@@ -141,9 +141,9 @@ def test_sde_sample_validation():
     assert set(SAMPLERS) == {"ode", "sde"}
 
 
-def test_prior_only_without_denoising_is_close_to_prior_at_T():
-    """Sanity of the time direction: one SDE step from T without denoising stays near the
-    prior scale, while the full run contracts to the data scale."""
+def test_sde_sampler_runs_from_prior_scale_to_data_scale():
+    """Time direction (VE): one step from T without denoising stays at the prior scale (50),
+    the full run contracts to the data scale (N(0, 0.1^2) data)."""
     sde = VESDE()
 
     def score(y, t):
