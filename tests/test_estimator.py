@@ -372,7 +372,7 @@ def exact_reference(fitted_exact, data):
     return fitted_exact.score_samples(X_test)
 
 
-@settings(deadline=None, max_examples=8)
+@settings(deadline=None, max_examples=5)
 @given(perm=st.permutations(list(range(40))))
 def test_row_permutation_fixed_step_is_exact(fitted_exact, exact_reference, data, perm):
     _, X_test = data
@@ -392,7 +392,7 @@ def test_row_permutation_adaptive_solver(fitted, data):
 def test_subset_invariance_fixed_step(fitted_exact, exact_reference, data):
     _, X_test = data
     ll = exact_reference
-    for idx in (slice(0, 1), slice(5, 17), np.array([3, 30, 7])):
+    for idx in (slice(0, 1), np.array([3, 30, 7, 12, 25])):
         assert_array_equal(fitted_exact.score_samples(X_test[idx]), ll[idx])
 
 

@@ -216,7 +216,11 @@ def test_save_load_of_random_state_instance(data, tmp_path):
     "content",
     [
         pytest.param(lambda p: p.write_text("a,b\n1,2\n3,4\n"), id="csv"),
-        pytest.param(lambda p: p.write_bytes(pickle.dumps({"meta": "x"})), id="plain-pickle"),
+        pytest.param(
+            lambda p: p.write_bytes(pickle.dumps({"meta": "x"})),
+            id="plain-pickle",
+            marks=pytest.mark.filterwarnings("ignore:Detected pickle protocol"),
+        ),
         pytest.param(lambda p: torch.save({"weights": torch.zeros(3)}, p), id="other-torch-file"),
         pytest.param(lambda p: torch.save([torch.zeros(3)], p), id="torch-list"),
         pytest.param(
@@ -254,3 +258,30 @@ def test_load_rejects_newer_format(fitted, tmp_path):
 def test_load_missing_file_raises_file_not_found(tmp_path):
     with pytest.raises(FileNotFoundError):
         ScoreFlowDensity.load(tmp_path / "missing.pt")
+
+
+def test_model_trained_on_gpu_loads_on_cpu_only_machine(fitted, reference, data, monkeypatch):
+    """A pickle written on a CUDA machine (``device_`` "cuda:0", tensors already on CPU in
+    the blob) loads on a machine without CUDA: a RuntimeWarning, and the model runs on CPU."""
+    _, X_test = data
+    state = fitted.__getstate__()
+    state["device_"] = "cuda:0"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    est = ScoreFlowDensity.__new__(ScoreFlowDensity)
+    with pytest.warns(RuntimeWarning, match="CUDA is not available; loading on CPU"):
+        est.__setstate__(state)
+    assert est.device_ == torch.device("cpu")
+    assert all(p.device.type == "cpu" for p in est.network_.parameters())
+    assert_array_equal(est.score_samples(X_test), reference["score_samples"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_fit_pickles_to_cpu_tensors(data):
+    X, X_test = data
+    est = ScoreFlowDensity(**dict(TINY, device="cuda")).fit(X)
+    assert est.device_.type == "cuda"
+    for where, t in _tensors(est.__getstate__()["_network_blob"]):
+        assert t.device.type == "cpu", where
+    loaded = _pickle_round_trip(est)
+    assert loaded.device_.type == "cuda"
+    assert_array_equal(loaded.score_samples(X_test), est.score_samples(X_test))
