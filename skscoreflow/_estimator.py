@@ -86,9 +86,11 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
         Optimizer steps of the variational dequantizer.
     hidden_layer_sizes : tuple of int, default=(128, 128, 128)
         Widths of the residual blocks of the score network.
-    max_iter : int, default=4000
-        Number of optimizer steps.
-    batch_size : int, default=512
+    max_iter : int, default=10000
+        Number of optimizer steps.  The training budget dominates the likelihood: the default
+        fits 10,000 2-D rows in about 2-3 minutes on 2 CPU cores (see
+        ``docs/benchmarks/defaults.md``).
+    batch_size : int, default=1024
         Rows per optimizer step (capped at the number of training rows).
     learning_rate : float, default=2e-3
         Peak Adam learning rate (linear warm-up, then cosine decay).
@@ -183,8 +185,8 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
         dequantizer_n_couplings: int = 4,
         dequantizer_max_iter: int = 1000,
         hidden_layer_sizes: tuple[int, ...] = (128, 128, 128),
-        max_iter: int = 4000,
-        batch_size: int = 512,
+        max_iter: int = 10000,
+        batch_size: int = 1024,
         learning_rate: float = 2e-3,
         ema_decay: float = 0.999,
         eps: float | None = None,
