@@ -22,12 +22,13 @@ from .dequantization import (
     VariationalDequantizer,
     check_integer_valued,
     train_dequantizer,
+    uniform_dequantize,
 )
 from .likelihood import DIVERGENCES, ode_log_likelihood
 from .nets import ScoreMLP
 from .sampling import SAMPLERS
 from .sde import SDES, get_sde
-from .training import train_score_model
+from .training import seeded_global_rng, train_score_model
 from .weighting import WEIGHTINGS
 
 __all__ = ["ScoreFlowDensity"]
@@ -105,7 +106,9 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
         ODE solver: adaptive "dopri5", "dopri8", "bosh3", "adaptive_heun", or fixed-step
         "rk4", "midpoint", "euler" (100 uniform steps).
     divergence : {"auto", "exact", "hutchinson"}, default="auto"
-        Divergence estimator of the ODE likelihood; "auto" is exact up to 16 features.
+        Divergence estimator of the ODE likelihood; "auto" is exact up to 16 features (and
+        always for dequantized models, whose bounds need ``p(x + u)`` without the upward bias
+        that exponentiating a Hutchinson estimate adds).
     early_stopping : bool, default=False
         Hold out ``validation_fraction`` of the rows, track the likelihood bound on them, stop
         when it stops improving and restore the best weights.
@@ -117,7 +120,11 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
     tol : float, default=1e-4
         Minimum improvement of the validation score (nats per row).
     warm_start : bool, default=False
-        Continue training the fitted network on the next ``fit`` instead of starting afresh.
+        Continue training the fitted network (and its optimizer state) on the next ``fit``
+        instead of starting afresh; the learning-rate warm-up and cosine schedule restart over
+        the new ``max_iter``, the standardisation is kept, and a variational dequantizer is
+        retrained on the continued score model.  ``sde``, ``eps``, ``hidden_layer_sizes``,
+        ``dequantization``, ``dtype`` and ``device`` cannot change under a warm start.
     dtype : {"float32", "float64"}, default="float32"
         Precision of training and evaluation.
     device : str, default="auto"
@@ -265,33 +272,30 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
         choice("solver", ADAPTIVE_SOLVERS + FIXED_SOLVERS)
         choice("divergence", DIVERGENCES)
         choice("dtype", tuple(_DTYPES))
-        sizes = self.hidden_layer_sizes
-        if isinstance(sizes, numbers.Integral) and not isinstance(sizes, bool):
-            sizes = (sizes,)
-        if (
-            not isinstance(sizes, (tuple, list))
-            or len(sizes) == 0
-            or not all(isinstance(h, numbers.Integral) and not isinstance(h, bool) and h > 0
-                       for h in sizes)
-        ):
-            raise ValueError(
-                f"hidden_layer_sizes={self.hidden_layer_sizes!r} is not valid; expected a "
-                "non-empty tuple of positive ints"
-            )
+
+        def layer_sizes(name: str) -> None:
+            sizes = getattr(self, name)
+            if isinstance(sizes, numbers.Integral) and not isinstance(sizes, bool):
+                sizes = (sizes,)
+            if (
+                not isinstance(sizes, (tuple, list))
+                or len(sizes) == 0
+                or not all(
+                    isinstance(h, numbers.Integral) and not isinstance(h, bool) and h > 0
+                    for h in sizes
+                )
+            ):
+                raise ValueError(
+                    f"{name}={getattr(self, name)!r} is not valid; expected a non-empty tuple "
+                    "of positive ints"
+                )
+
+        layer_sizes("hidden_layer_sizes")
+        layer_sizes("dequantizer_hidden_layer_sizes")
         number("max_iter", 1, integer=True)
         number("n_dequantization_samples", 1, integer=True)
         number("dequantizer_n_couplings", 0, integer=True)
         number("dequantizer_max_iter", 1, integer=True)
-        dsizes = self.dequantizer_hidden_layer_sizes
-        if (
-            not isinstance(dsizes, (tuple, list))
-            or not all(isinstance(h, numbers.Integral) and not isinstance(h, bool) and h > 0
-                       for h in dsizes)
-        ):
-            raise ValueError(
-                f"dequantizer_hidden_layer_sizes={dsizes!r} is not valid; expected a tuple of "
-                "positive ints"
-            )
         number("batch_size", 1, integer=True)
         number("learning_rate", 0, low_open=True)
         number("ema_decay", 0, 1, high_open=True)
@@ -315,10 +319,7 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
                 raise ValueError(f"device={self.device!r} is not a valid torch device") from exc
 
     def _hidden_sizes(self) -> tuple[int, ...]:
-        sizes = self.hidden_layer_sizes
-        if isinstance(sizes, numbers.Integral):
-            return (int(sizes),)
-        return tuple(int(h) for h in sizes)
+        return _as_sizes(self.hidden_layer_sizes)
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -381,6 +382,8 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
         seed = self._seed_from(self.random_state)
         rng = np.random.default_rng(seed)
 
+        if warm:
+            self._check_warm_start_compatible()
         if self.dequantization is not None:
             check_integer_valued(X, getattr(self, "feature_names_in_", None))
         if not warm:
@@ -389,6 +392,7 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
             self.eps_ = float(self.sde_.default_eps if self.eps is None else self.eps)
             X64 = X.astype(np.float64, copy=False)
             mean, var = X64.mean(axis=0), X64.var(axis=0)
+            self.data_min_ = self.data_max_ = None
             if self.dequantization is not None:
                 # Moments of x + u with u ~ U[0, 1): shifted by 1/2, variance + 1/12.
                 mean, var = mean + 0.5, var + 1.0 / 12.0
@@ -424,8 +428,7 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
             mean_t, scale_t = self._to_tensor(self.mean_), self._to_tensor(self.scale_)
 
             def batch_transform(batch: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-                u = torch.rand(batch.shape, generator=g, device=batch.device, dtype=batch.dtype)
-                return (batch + u - mean_t) / scale_t
+                return (batch + uniform_dequantize(batch, g)[0] - mean_t) / scale_t
 
         if not warm:
             # Module initialisation draws from the global RNG: fork it so the user's state is
@@ -475,6 +478,7 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
                 ConvergenceWarning,
             )
         self._train_state = state
+        self._fitted_structure = self._structure()
         self.network_ = state.ema_model
         self.n_iter_ = state.n_iter
         self.loss_curve_ = list(state.loss_curve)
@@ -492,26 +496,38 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
             self._fit_dequantizer(X[train_idx], seed)
         return self
 
+    def _check_warm_start_compatible(self) -> None:
+        """Parameters fixed by the first fit cannot change under ``warm_start``."""
+        fitted = getattr(self, "_fitted_structure", None)
+        if fitted is None:
+            return
+        now = self._structure()
+        changed = [k for k in now if fitted.get(k) != now[k]]
+        if changed:
+            raise ValueError(
+                f"warm_start=True cannot change {changed} after the first fit (fitted with "
+                f"{ {k: fitted.get(k) for k in changed} }); refit with warm_start=False"
+            )
+
+    def _structure(self) -> dict[str, Any]:
+        return {
+            "sde": self.sde,
+            "eps": self.eps,
+            "hidden_layer_sizes": list(self._hidden_sizes()),
+            "dequantization": self.dequantization,
+            "dtype": self.dtype,
+            "device": str(self.device),
+        }
+
     def _forked_rng(self, seed: int) -> Any:
-        devices = [self.device_] if self.device_.type == "cuda" else []
-        ctx = torch.random.fork_rng(devices=devices)
-
-        class _Seeded:
-            def __enter__(self_inner) -> None:
-                ctx.__enter__()
-                torch.manual_seed(seed)
-
-            def __exit__(self_inner, *exc: Any) -> None:
-                ctx.__exit__(*exc)
-
-        return _Seeded()
+        return seeded_global_rng(seed, self.device_)
 
     def _fit_dequantizer(self, X_train: np.ndarray, seed: int) -> None:
         """Train ``q(u | x)`` with the (EMA) score network frozen (ScoreFlow's schedule)."""
         with self._forked_rng(seed + 3):
             deq = VariationalDequantizer(
                 self.n_features_in_,
-                tuple(int(h) for h in self.dequantizer_hidden_layer_sizes),
+                _as_sizes(self.dequantizer_hidden_layer_sizes),
                 int(self.dequantizer_n_couplings),
             )
         deq = deq.to(device=self.device_, dtype=self._torch_dtype)
@@ -557,8 +573,7 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
         for _ in range(int(self.n_dequantization_samples)):
             with torch.no_grad():
                 if self.dequantizer_ is None:
-                    u = torch.rand(x.shape, generator=g, device=x.device, dtype=x.dtype)
-                    log_q = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+                    u, log_q = uniform_dequantize(x, g)
                 else:
                     u, log_q = self.dequantizer_.sample((x - mean_t) / scale_t, g)
             ll = log_density((x + u - mean_t) / scale_t)
@@ -586,14 +601,22 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
         """
         X = self._check_X(X)
 
+        # A dequantization bound needs p(x + u) itself: exp of a Hutchinson log-density is
+        # biased upwards, so "auto" means the exact divergence for dequantized models.
+        divergence = self.divergence
+        if self.dequantization is not None and divergence == "auto":
+            divergence = "exact"
+        probes = torch.Generator(device=self.device_).manual_seed(0)
+
         def ode(Z: torch.Tensor) -> torch.Tensor:
+            # One generator across the K dequantization draws: independent probes for each.
             return ode_log_likelihood(
                 self.network_,
                 Z,
                 self.sde_,
                 eps=self.eps_,
-                divergence=self.divergence,
-                generator=torch.Generator(device=self.device_).manual_seed(0),
+                divergence=divergence,
+                generator=probes,
                 **self._solver_kwargs(),
             )
 
@@ -834,7 +857,15 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
         state.update(params)
         state["_network_blob"] = data["network"]
         est.__setstate__(state)
+        est._fitted_structure = est._structure()
         return est
+
+
+def _as_sizes(sizes: Any) -> tuple[int, ...]:
+    """Layer widths as a tuple of ints (a bare int means one layer)."""
+    if isinstance(sizes, numbers.Integral):
+        return (int(sizes),)
+    return tuple(int(h) for h in sizes)
 
 
 def _network_blob(net: torch.nn.Module, train_state: Any) -> dict[str, Any]:

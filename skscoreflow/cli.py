@@ -84,7 +84,7 @@ def _estimator_options(parser: argparse.ArgumentParser) -> None:
         default = param.default
         if isinstance(default, bool):
             group.add_argument(flag, type=_parse_bool, default=None, metavar="{true,false}")
-        elif name == "hidden_layer_sizes":
+        elif name.endswith("hidden_layer_sizes"):
             group.add_argument(flag, type=_parse_sizes, default=None, metavar="W[,W...]")
         elif isinstance(default, int):
             group.add_argument(flag, type=int, default=None)
@@ -185,7 +185,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         X = pd.DataFrame(X, columns=columns)
     try:
         logp = est.bound(X) if args.bound else est.score_samples(X)
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:
         raise CLIError(f"score failed: {exc}") from exc
     _write_table(args.output, {"log_density": logp})
     print(f"mean log-likelihood: {logp.mean():.5f} nats ({len(logp)} rows)", file=sys.stderr)
@@ -196,7 +196,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     est = _load_model(args.model)
     if args.n < 1:
         raise CLIError(f"-n must be a positive int, got {args.n}", EXIT_USAGE)
-    S = est.sample(args.n, random_state=args.seed, method=args.method)
+    try:
+        S = est.sample(args.n, random_state=args.seed, method=args.method)
+    except (ValueError, TypeError) as exc:
+        raise CLIError(f"sample failed: {exc}") from exc
     names = getattr(est, "feature_names_in_", None)
     cols = [str(c) for c in names] if names is not None else [f"x{i}" for i in range(S.shape[1])]
     _write_table(args.output, {c: S[:, i] for i, c in enumerate(cols)})

@@ -30,7 +30,6 @@ Examples
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any, Callable, Sequence
 
 import torch
@@ -235,7 +234,3 @@ def train_dequantizer(
         curve.append(float(loss.detach()))
     ema.eval()
     return ema, curve
-
-
-def _log_mean_exp(values: Tensor, dim: int = 0) -> Tensor:
-    return torch.logsumexp(values, dim=dim) - math.log(values.shape[dim])

@@ -34,7 +34,7 @@ __all__ = ["ScoreMLP", "NoiseLevelEmbedding"]
 
 
 class NoiseLevelEmbedding(nn.Module):
-    """Sinusoidal features of ``log sigma``, geometric frequencies, plus the raw value.
+    """Sinusoidal features (sin and cos) of ``log sigma`` at geometric frequencies.
 
     Parameters
     ----------

@@ -125,10 +125,6 @@ class SDE(ABC):
         """Probability-flow ODE drift ``f(x, t) - g(t)^2 score / 2``."""
         return self.drift(x, t) - 0.5 * _batch_view(self.diffusion_squared(t), x) * score
 
-    def log_std(self, t: Tensor) -> Tensor:
-        """``log sigma(t)``: the noise level a score network is conditioned on."""
-        return torch.log(self.std(t))
-
     # ------------------------------------------------------------------ prior
     prior_std: float = 1.0
 

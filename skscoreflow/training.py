@@ -27,7 +27,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -35,7 +35,13 @@ from torch import Tensor, nn
 from .sde import SDE
 from .weighting import check_weighting, dsm_loss
 
-__all__ = ["train_score_model", "TrainState", "NonFiniteLossError", "learning_rate_at"]
+__all__ = [
+    "train_score_model",
+    "TrainState",
+    "NonFiniteLossError",
+    "learning_rate_at",
+    "seeded_global_rng",
+]
 
 logger = logging.getLogger("skscoreflow")
 
@@ -112,6 +118,18 @@ def _global_rng_from(generator: torch.Generator, device: torch.device) -> Any:
     probe = torch.Generator(device=generator.device)
     probe.set_state(generator.get_state())
     seed = int(torch.randint(0, 2**62, (1,), generator=probe, device=generator.device))
+    with seeded_global_rng(seed, device):
+        yield
+
+
+@contextlib.contextmanager
+def seeded_global_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """Run a block with the global CPU RNG (and ``device``'s CUDA RNG) seeded with ``seed``.
+
+    Only those generators are touched, and both are restored afterwards, so the caller's
+    global random state is unchanged (``torch.manual_seed`` would also reseed every other
+    accelerator generator).
+    """
     cuda = device.type == "cuda"
     index = device.index
     if cuda and index is None:

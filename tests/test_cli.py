@@ -281,3 +281,14 @@ def test_module_entry_point_end_to_end(workdir, model):
     assert proc.returncode != 0
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "nope.csv" in lines[0] and "no such file" in lines[0], proc.stderr
+
+
+def test_layer_size_flags_parse_as_tuples():
+    from skscoreflow.cli import build_parser
+
+    args = build_parser().parse_args(
+        ["fit", "moons", "-o", "m.pt", "--hidden-layer-sizes", "32,16",
+         "--dequantizer-hidden-layer-sizes", "8,8"]
+    )
+    assert args.hidden_layer_sizes == (32, 16)
+    assert args.dequantizer_hidden_layer_sizes == (8, 8)

@@ -273,6 +273,18 @@ def test_warm_start_rejects_a_different_width(data):
         est.fit(np.hstack([X, X]))
 
 
+@pytest.mark.parametrize(
+    "change", [{"sde": "subvp"}, {"hidden_layer_sizes": (8,)}, {"dtype": "float64"},
+               {"dequantization": "uniform"}]
+)
+def test_warm_start_rejects_structural_changes(data, change):
+    X, _ = data
+    est = ScoreFlowDensity(**dict(TINY, max_iter=5, warm_start=True)).fit(X)
+    est.set_params(**change)
+    with pytest.raises(ValueError, match="warm_start=True cannot change"):
+        est.fit(np.round(X))
+
+
 def test_early_stopping_records_validation_scores(data):
     X, _ = data
     est = ScoreFlowDensity(**dict(TINY, max_iter=100, early_stopping=True, n_iter_no_change=5))
