@@ -90,11 +90,11 @@ def main() -> None:
     uniform = copy.deepcopy(est)
     uniform.set_params(dequantization="uniform")
     uniform.dequantizer_ = None  # same score network, uniform q(u|x)
-    for K in (1, 16):
+    for K in (1, 4):
         uniform.set_params(n_dequantization_samples=K)
         add("ScoreFlowDensity", uniform.score_samples(X_test), t,
             f"uniform dequantization, K={K} ({est.n_iter_} steps)")
-    for K in (1, 16):
+    for K in (1, 4):
         est.set_params(n_dequantization_samples=K)
         add("ScoreFlowDensity", est.score_samples(X_test), t,
             f"variational dequantization, K={K} (+{params['dequantizer_max_iter']} steps)")
@@ -111,7 +111,8 @@ def main() -> None:
             f"Command: `python benchmarks/bench_digits.py{' --quick' if args.quick else ''}`. "
             "Fixed split `train_test_split(test_size=0.2, random_state=0)` (1437 / 360 rows, 64 "
             "dims, values 0..16). Every number bounds -log2 P(x)/64 of the discrete test rows "
-            "from above. ScoreFlow parameters: "
+            "from above (ScoreFlow evaluates the ODE with the exact divergence, so exp(log p) is "
+            "unbiased and the K-sample bound is a true bound). ScoreFlow parameters: "
             + ", ".join(f"`{k}={v!r}`" for k, v in params.items())
             + ". The uniform rows reuse the variational model's score network with q(u|x) uniform."
         ),
