@@ -172,7 +172,7 @@ def _resolve_divergence(divergence_: str, d: int, exact_max_dim: int) -> str:
     return divergence_
 
 
-def default_chunk_size(d: int, n_probe_copies: int, budget: int = 2**16) -> int:
+def default_chunk_size(n_probe_copies: int, budget: int = 2**16) -> int:
     """Rows per chunk so that ``rows * copies`` network inputs stay near ``budget``."""
     return max(1, budget // max(1, n_probe_copies))
 
@@ -245,7 +245,7 @@ def ode_log_likelihood(
     kind = _resolve_divergence(divergence, d, exact_max_dim)
     copies = d if kind == "exact" else n_probes
     if chunk_size is None:
-        chunk_size = default_chunk_size(d, copies)
+        chunk_size = default_chunk_size(copies)
     if generator is None:
         generator = torch.Generator(device=x.device).manual_seed(0)
 

@@ -55,6 +55,16 @@ def device(request: pytest.FixtureRequest) -> torch.device:
     return dev
 
 
+@pytest.fixture(scope="module")
+def data():
+    """Small moons train / test sets shared by the estimator and persistence tests."""
+    from sklearn.datasets import make_moons
+
+    X, _ = make_moons(200, noise=0.1, random_state=0)
+    X_test, _ = make_moons(40, noise=0.1, random_state=1)
+    return X, X_test
+
+
 @pytest.fixture(scope="session")
 def dtype(request: pytest.FixtureRequest) -> torch.dtype:
     return getattr(torch, request.config.getoption("--dtype"))

@@ -28,13 +28,6 @@ EXACT = dict(TINY, dtype="float64", solver="rk4")
 
 
 @pytest.fixture(scope="module")
-def data():
-    X, _ = make_moons(200, noise=0.1, random_state=0)
-    X_test, _ = make_moons(40, noise=0.1, random_state=1)
-    return X, X_test
-
-
-@pytest.fixture(scope="module")
 def fitted(data):
     X, _ = data
     return ScoreFlowDensity(**TINY).fit(X)

@@ -17,19 +17,11 @@ import pytest
 import torch
 from numpy.testing import assert_array_equal
 from sklearn.base import clone
-from sklearn.datasets import make_moons
 from sklearn.exceptions import NotFittedError
 
 from skscoreflow import ScoreFlowDensity
 
 TINY = dict(hidden_layer_sizes=(16,), max_iter=30, batch_size=64, random_state=0)
-
-
-@pytest.fixture(scope="module")
-def data():
-    X, _ = make_moons(200, noise=0.1, random_state=0)
-    X_test, _ = make_moons(40, noise=0.1, random_state=1)
-    return X, X_test
 
 
 @pytest.fixture(scope="module")
