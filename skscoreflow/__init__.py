@@ -20,6 +20,14 @@ import logging
 
 logging.getLogger("skscoreflow").addHandler(logging.NullHandler())
 
+#: The package version (a PEP 440 string).
+#:
+#: Examples
+#: --------
+#: >>> import skscoreflow
+#: >>> major, minor = (int(p) for p in skscoreflow.__version__.split(".")[:2])
+#: >>> (major, minor) >= (0, 1)
+#: True
 __version__ = "0.1.0"
 
 from ._estimator import ScoreFlowDensity  # noqa: E402

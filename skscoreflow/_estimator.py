@@ -139,14 +139,18 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
     Attributes
     ----------
     n_features_in_ : int
-    feature_names_in_ : ndarray of shape (n_features_in_,)
+        Number of features seen during ``fit``.
+    feature_names_in_ : ndarray of shape (n_features,)
         Defined only when ``X`` has string column names.
     device_ : torch.device
+        Device the network lives on.
     sde_ : SDE
+        The forward SDE.
     network_ : ScoreMLP
         The score network (EMA weights), in evaluation mode.
     eps_ : float
-    mean_, scale_ : ndarray of shape (n_features_in_,)
+        The smallest diffusion time in use.
+    mean_, scale_ : ndarray of shape (n_features,)
         Standardisation applied before the diffusion.
     n_iter_ : int
         Optimizer steps taken (in total, across warm starts).
@@ -156,12 +160,14 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
         Mean likelihood bound (nats per row, in X's units) on the validation rows at each
         validation, when ``early_stopping``.
     best_validation_score_ : float or None
+        Best of ``validation_scores_``, when ``early_stopping``.
     fit_time_ : float
         Seconds spent training.
 
     See Also
     --------
-    sklearn.mixture.GaussianMixture, sklearn.neighbors.KernelDensity
+    sklearn.mixture.GaussianMixture : Gaussian mixture density (the usual baseline).
+    sklearn.neighbors.KernelDensity : Kernel density estimate.
 
     References
     ----------
@@ -373,6 +379,7 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
         Returns
         -------
         self : ScoreFlowDensity
+            The fitted estimator.
         """
         self._validate_params()
         warm = self.warm_start and hasattr(self, "network_")
@@ -593,6 +600,7 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features)
+            Rows to evaluate.
 
         Returns
         -------
@@ -628,12 +636,14 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features)
+            Rows to evaluate.
         y : None
             Ignored.
 
         Returns
         -------
         float
+            Mean log-likelihood in nats (higher is better).
         """
         return float(np.mean(self.score_samples(X)))
 
@@ -651,6 +661,7 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features)
+            Rows to evaluate.
         n_time_samples : int, default=1000
             Monte-Carlo time samples per row.
         importance_sampling : bool, default=True
@@ -695,10 +706,12 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features)
+            Rows to evaluate.
 
         Returns
         -------
         float
+            Bits per dimension (lower is better).
         """
         from .metrics import bits_per_dim
 
@@ -712,6 +725,7 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
         Parameters
         ----------
         n_samples : int, default=1
+            Number of samples.
         random_state : int, RandomState instance or None, default=None
             Seed of the sampler (None: fresh randomness).
         method : {"ode", "sde"}, default="ode"
@@ -719,7 +733,7 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
 
         Returns
         -------
-        ndarray of shape (n_samples, n_features_in_)
+        ndarray of shape (n_samples, n_features)
             In the units of ``X`` (float64), or integers (int64) clipped to the training range
             for dequantized models.
         """
@@ -797,6 +811,7 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
         Parameters
         ----------
         path : str or path-like
+            File to write.
         """
         check_is_fitted(self, "network_")
         state = self.__getstate__()
@@ -816,10 +831,12 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
         Parameters
         ----------
         path : str or path-like
+            File written by :meth:`save`.
 
         Returns
         -------
         ScoreFlowDensity
+            The fitted estimator, on the device it was saved from when available (else CPU).
         """
         try:
             data = torch.load(path, map_location="cpu", weights_only=True)

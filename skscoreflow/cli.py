@@ -38,7 +38,33 @@ class CLIError(Exception):
 def load_data(spec: str, n_samples: int = 10_000, random_state: int = 0) -> tuple[np.ndarray, list[str] | None]:
     """Read a CSV (with header) or ``.npy`` file, or draw a built-in dataset by name.
 
-    Returns the array and the column names (None for ``.npy`` and built-in data).
+    Parameters
+    ----------
+    spec : str
+        Path of a CSV file with a header row or of a ``.npy`` file, or the name of a built-in
+        dataset (see :data:`skscoreflow.datasets.DATASETS`; an existing file wins).
+    n_samples : int
+        Rows to draw for a built-in dataset.
+    random_state : int
+        Seed for a built-in dataset.
+
+    Returns
+    -------
+    X : ndarray of shape (n_samples, n_features)
+        The data (float64 for CSV files).
+    columns : list of str or None
+        The CSV header; None for ``.npy`` and built-in data.
+
+    Raises
+    ------
+    CLIError
+        If the file is missing, unreadable or holds non-numeric columns.
+
+    Examples
+    --------
+    >>> X, columns = load_data("moons", n_samples=100)
+    >>> X.shape, columns
+    ((100, 2), None)
     """
     from .datasets import DATASETS, make_dataset
 
@@ -344,7 +370,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``skscoreflow`` console script; returns the exit code."""
+    """Entry point of the ``skscoreflow`` console script; returns the exit code.
+
+    Parameters
+    ----------
+    argv : sequence of str, optional
+        Command-line arguments without the program name (``sys.argv[1:]`` when None).
+
+    Returns
+    -------
+    int
+        0 on success, 2 for a usage error, 3 for a data or model error.
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> tmp = tempfile.mkdtemp()
+    >>> model = os.path.join(tmp, "model.pt")
+    >>> main(["fit", "moons", "--n-samples", "200", "--max-iter", "20",
+    ...       "--hidden-layer-sizes", "16", "--random-state", "0", "-o", model])
+    0
+    >>> main(["sample", model, "-n", "3", "--seed", "0", "-o", os.path.join(tmp, "s.csv")])
+    0
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -118,6 +118,12 @@ def _pinwheel(n: int, rng: np.random.Generator) -> np.ndarray:
     return 2 * np.einsum("ti,tij->tj", features, rot)
 
 
+#: The built-in 2-D datasets: name -> sampler ``(n, numpy Generator) -> (n, 2) array``.
+#:
+#: Examples
+#: --------
+#: >>> sorted(DATASETS)
+#: ['2spirals', '8gaussians', 'checkerboard', 'circles', 'moons', 'pinwheel', 'rings']
 DATASETS: dict[str, Callable[[int, np.random.Generator], np.ndarray]] = {
     "checkerboard": _checkerboard,
     "8gaussians": _eightgaussians,
@@ -145,7 +151,20 @@ def make_dataset(
     name : str
         One of ``DATASETS``.
     n_samples : int
+        Number of rows.
     random_state : int, numpy Generator or None
+        Seed or generator of the draw.
+
+    Returns
+    -------
+    ndarray of shape (n_samples, 2)
+        The rows (float64).
+
+    Examples
+    --------
+    >>> X = make_dataset("moons", 500, random_state=0)
+    >>> X.shape, X.dtype
+    ((500, 2), dtype('float64'))
     """
     _check_name(name)
     if n_samples < 0:
@@ -154,7 +173,23 @@ def make_dataset(
 
 
 def has_true_density(name: str) -> bool:
-    """Whether :func:`true_log_density` is available for ``name``."""
+    """Whether :func:`true_log_density` is available for ``name``.
+
+    Parameters
+    ----------
+    name : str
+        One of ``DATASETS``.
+
+    Returns
+    -------
+    bool
+        False only for "pinwheel".
+
+    Examples
+    --------
+    >>> has_true_density("moons"), has_true_density("pinwheel")
+    (True, False)
+    """
     return _check_name(name) != "pinwheel"
 
 
@@ -164,6 +199,29 @@ def true_log_density(name: str, X: np.ndarray, n_nodes: int = 1024) -> np.ndarra
     Exact for "checkerboard" and "8gaussians"; for the curve-plus-noise sets the integral over
     the curve parameter uses the midpoint rule with ``n_nodes`` nodes (at the default, about
     1e-6 nats on average over a data set, at most ~6e-4 nats at single points of "2spirals").  Not available for "pinwheel" (its density has no closed form).
+
+    Parameters
+    ----------
+    name : str
+        One of ``DATASETS`` except "pinwheel".
+    X : array-like of shape (n_samples, 2)
+        Points at which to evaluate.
+    n_nodes : int
+        Quadrature nodes per curve.
+
+    Returns
+    -------
+    ndarray of shape (n_samples,)
+        ``log p(x)`` in nats (``-inf`` off the support of "checkerboard").
+
+    Examples
+    --------
+    >>> X = make_dataset("checkerboard", 1000, random_state=0)
+    >>> round(float(true_log_density("checkerboard", X).mean()), 4)  # -ln 32 everywhere
+    -3.4657
+    >>> X = make_dataset("moons", 2000, random_state=0)
+    >>> round(float(true_log_density("moons", X).mean()), 2)  # what a perfect model scores
+    -1.0
     """
     _check_name(name)
     X = np.asarray(X, dtype=np.float64)

@@ -43,11 +43,40 @@ __all__ = [
     "check_integer_valued",
 ]
 
+#: Values accepted by ``ScoreFlowDensity(dequantization=...)``.
+#:
+#: Examples
+#: --------
+#: >>> DEQUANTIZATIONS
+#: (None, 'uniform', 'variational')
 DEQUANTIZATIONS = (None, "uniform", "variational")
 
 
 def check_integer_valued(X: Any, feature_names: Sequence[str] | None = None) -> None:
-    """Raise a ``ValueError`` naming the first column of ``X`` holding a non-integer value."""
+    """Raise a ``ValueError`` naming the first column of ``X`` holding a non-integer value.
+
+    Parameters
+    ----------
+    X : array-like of shape (n_samples, n_features)
+        Data to check (values within 1e-9 of an integer pass).
+    feature_names : sequence of str, optional
+        Column names used in the message.
+
+    Raises
+    ------
+    ValueError
+        If any value is not an integer.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> check_integer_valued(np.array([[0, 3], [16, 2]]))  # passes silently
+    >>> check_integer_valued(np.array([[0, 3], [16, 2.5]]), feature_names=["a", "b"])
+    ... # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: dequantization needs integer-valued data, but column 'b' holds the non-integer value ...2.5... (row 1)
+    """
     import numpy as np
 
     X = np.asarray(X)
@@ -65,7 +94,30 @@ def check_integer_valued(X: Any, feature_names: Sequence[str] | None = None) -> 
 
 
 def uniform_dequantize(x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-    """``u ~ U[0, 1)^d`` and ``log q(u | x) = 0``."""
+    """Uniform dequantization noise: ``u ~ U[0, 1)^d`` and ``log q(u | x) = 0``.
+
+    Parameters
+    ----------
+    x : Tensor of shape (n, d)
+        Integer-valued data (as floats); only its shape, dtype and device are used.
+    generator : torch.Generator, optional
+        Source of randomness.
+
+    Returns
+    -------
+    u : Tensor of shape (n, d)
+        The noise, to be added to ``x``.
+    log_q : Tensor of shape (n,)
+        Zeros.
+
+    Examples
+    --------
+    >>> import torch
+    >>> x = torch.tensor([[0.0, 3.0], [16.0, 2.0]])
+    >>> u, log_q = uniform_dequantize(x, torch.Generator().manual_seed(0))
+    >>> bool(((u >= 0) & (u < 1)).all()), log_q.tolist()
+    (True, [0.0, 0.0])
+    """
     u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     return u, torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
 
@@ -89,6 +141,7 @@ class VariationalDequantizer(nn.Module):
     Parameters
     ----------
     n_features : int
+        Data dimension ``d``.
     hidden_layer_sizes : sequence of int
         Widths of each conditioner MLP.
     n_couplings : int
@@ -99,6 +152,15 @@ class VariationalDequantizer(nn.Module):
     Notes
     -----
     ``x`` is passed in already standardised (the conditioning only needs a well-scaled input).
+
+    Examples
+    --------
+    >>> import torch
+    >>> deq = VariationalDequantizer(3, hidden_layer_sizes=(16,), n_couplings=2)
+    >>> x = torch.randint(0, 5, (4, 3)).float()
+    >>> u, log_q = deq.sample(x, generator=torch.Generator().manual_seed(0))
+    >>> u.shape, log_q.shape
+    (torch.Size([4, 3]), torch.Size([4]))
     """
 
     def __init__(
@@ -131,6 +193,13 @@ class VariationalDequantizer(nn.Module):
         )
 
     def config(self) -> dict[str, Any]:
+        """Constructor arguments (JSON-serialisable) to rebuild this flow.
+
+        Returns
+        -------
+        dict
+            Keyword arguments of :class:`VariationalDequantizer`.
+        """
         return {
             "n_features": self.n_features,
             "hidden_layer_sizes": list(self.hidden_layer_sizes),
@@ -145,7 +214,22 @@ class VariationalDequantizer(nn.Module):
     def sample(
         self, x: Tensor, generator: torch.Generator | None = None
     ) -> tuple[Tensor, Tensor]:
-        """Draw ``u ~ q(u | x)`` (reparameterised) and return ``(u, log q(u | x))``."""
+        """Draw ``u ~ q(u | x)`` (reparameterised) and return ``(u, log q(u | x))``.
+
+        Parameters
+        ----------
+        x : Tensor of shape (n, d)
+            Conditioning input (the standardised integer rows).
+        generator : torch.Generator, optional
+            Source of the base noise.
+
+        Returns
+        -------
+        u : Tensor of shape (n, d)
+            Dequantization noise in ``(0, 1)^d``; differentiable in the flow's parameters.
+        log_q : Tensor of shape (n,)
+            ``log q(u | x)``.
+        """
         v = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         v = v.clamp(1e-6, 1 - 1e-6)
         h = torch.log(v) - torch.log1p(-v)  # logistic base noise
@@ -184,6 +268,7 @@ def train_dequantizer(
     Parameters
     ----------
     dequantizer : VariationalDequantizer
+        The flow to train (in place).
     X : Tensor of shape (n, d)
         Integer-valued training data (as floats).
     nll_fn : callable
@@ -191,15 +276,43 @@ def train_dequantizer(
         the bound ``L(x + u)`` on ``-log p(x + u)``.
     condition : callable, optional
         Maps ``x`` to the dequantizer's conditioning input (e.g. standardisation).
-    max_iter, batch_size, learning_rate, ema_decay, grad_clip
-        Optimisation settings (Adam, cosine decay, EMA of the weights).
+    max_iter : int
+        Optimizer steps.
+    batch_size : int
+        Rows per step.
+    learning_rate : float
+        Peak Adam learning rate (cosine decay).
+    ema_decay : float
+        Decay of the exponential moving average of the weights.
+    grad_clip : float
+        Global gradient-norm clipping threshold.
     generator : torch.Generator, optional
+        Source of mini-batches and noise (seeded with 0 when None).
 
     Returns
     -------
     ema_dequantizer : VariationalDequantizer
+        The EMA of the trained flow, in evaluation mode.
     loss_curve : list of float
         Per-step mean of ``L(x + u) + log q(u | x)`` (nats per row).
+
+    Raises
+    ------
+    NonFiniteLossError
+        If the loss becomes NaN or infinite.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skscoreflow.bound import nll_bound_estimate
+    >>> from skscoreflow.sde import VPSDE
+    >>> X = torch.randint(0, 3, (64, 2)).double()
+    >>> def nll_fn(x, u, g):  # bound on -log p(x + u) under a fixed N(1.5, I) "model"
+    ...     return nll_bound_estimate(lambda y, t: -y, x + u - 1.5, VPSDE(), generator=g)
+    >>> deq = VariationalDequantizer(2, (8,), 1).double()
+    >>> ema, curve = train_dequantizer(deq, X, nll_fn, max_iter=5, batch_size=16)
+    >>> len(curve), ema.training
+    (5, False)
     """
     from .training import learning_rate_at
 

@@ -43,6 +43,14 @@ def bits_per_dim(log_likelihood: ArrayLike, n_features: int) -> float:
     -------
     float
         ``-mean(log_likelihood) / (d ln 2)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> bits_per_dim(np.log([1 / 256, 1 / 16]), n_features=1)  # mean of 8 and 4 bits
+    6.0
+    >>> bits_per_dim([-0.5 * 64 * np.log(2 * np.pi * np.e)], n_features=64)  # N(0, I_64)
+    2.047095585180641
     """
     if n_features < 1:
         raise ValueError(f"n_features must be >= 1, got {n_features}")

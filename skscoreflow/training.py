@@ -47,12 +47,55 @@ logger = logging.getLogger("skscoreflow")
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN or infinite."""
+    """The training loss became NaN or infinite.
+
+    Raised by :func:`train_score_model` (and by the variational-dequantizer training) as soon
+    as a step's loss is not finite, with the step number in the message.  Usual fixes: a
+    smaller ``learning_rate``, gradient clipping, a larger ``eps``, or checking the data for
+    extreme values.  It subclasses :class:`FloatingPointError`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skscoreflow.sde import VPSDE
+    >>> class BrokenScore(torch.nn.Module):  # a score model that outputs NaN
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.w = torch.nn.Parameter(torch.zeros(()))
+    ...     def forward(self, x, t):
+    ...         return x * float("nan") + self.w
+    >>> try:
+    ...     train_score_model(BrokenScore(), torch.zeros(8, 2), VPSDE(), max_iter=1)
+    ... except NonFiniteLossError as exc:
+    ...     print(str(exc).split(";")[0])
+    training loss became nan at step 1
+    """
 
 
 @dataclass
 class TrainState:
     """Everything needed to continue training.
+
+    Returned by :func:`train_score_model`; pass it back as ``state=`` to continue training.
+
+    Parameters
+    ----------
+    model, ema_model : nn.Module
+        See Attributes.
+    optimizer : torch.optim.Optimizer
+        See Attributes.
+    n_iter : int, default=0
+        See Attributes.
+    loss_curve, validation_scores, validation_iters : list, optional
+        See Attributes.
+    best_validation_score : float or None, default=None
+        See Attributes.
+    best_state : dict or None, default=None
+        See Attributes.
+    stopped_early : bool, default=False
+        See Attributes.
+    fit_time : float, default=0.0
+        See Attributes.
 
     Attributes
     ----------
@@ -73,8 +116,23 @@ class TrainState:
     best_state : dict or None
         EMA weights at the best validation score (when early stopping).
     stopped_early : bool
+        Whether early stopping ended training before ``max_iter`` steps.
     fit_time : float
         Seconds spent in the loop.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skscoreflow.sde import VPSDE
+    >>> from skscoreflow.nets import ScoreMLP
+    >>> g = torch.Generator().manual_seed(0)
+    >>> X = torch.randn(128, 2, generator=g)
+    >>> net = ScoreMLP(2, VPSDE(), hidden_layer_sizes=(16,))
+    >>> state = train_score_model(net, X, VPSDE(), max_iter=5, batch_size=32, generator=g)
+    >>> state = train_score_model(net, X, VPSDE(), max_iter=5, batch_size=32, generator=g,
+    ...                           state=state)  # continue: same optimizer and EMA
+    >>> state.n_iter
+    10
     """
 
     model: nn.Module
@@ -91,7 +149,29 @@ class TrainState:
 
 
 def learning_rate_at(step: int, max_iter: int, learning_rate: float, warmup: int) -> float:
-    """Linear warm-up over ``warmup`` steps, then cosine decay to 1 % of ``learning_rate``."""
+    """Linear warm-up over ``warmup`` steps, then cosine decay to 1 % of ``learning_rate``.
+
+    Parameters
+    ----------
+    step : int
+        Zero-based step index.
+    max_iter : int
+        Total number of steps of the schedule.
+    learning_rate : float
+        Peak learning rate.
+    warmup : int
+        Number of warm-up steps.
+
+    Returns
+    -------
+    float
+        The learning rate at ``step``.
+
+    Examples
+    --------
+    >>> [round(learning_rate_at(s, 100, 1e-3, 10), 6) for s in (0, 9, 10, 55, 99)]
+    [0.0001, 0.001, 0.001, 0.000505, 1e-05]
+    """
     if warmup > 0 and step < warmup:
         return learning_rate * (step + 1) / warmup
     span = max(1, max_iter - warmup)
@@ -129,6 +209,29 @@ def seeded_global_rng(seed: int, device: torch.device) -> Iterator[None]:
     Only those generators are touched, and both are restored afterwards, so the caller's
     global random state is unchanged (``torch.manual_seed`` would also reseed every other
     accelerator generator).
+
+    Parameters
+    ----------
+    seed : int
+        Seed of the block's global generators.
+    device : torch.device
+        A CUDA device also gets its global generator seeded (and restored).
+
+    Yields
+    ------
+    None
+        The block runs with the seeded generators.
+
+    Examples
+    --------
+    >>> import torch
+    >>> before = torch.random.get_rng_state()
+    >>> with seeded_global_rng(0, torch.device("cpu")):
+    ...     a = torch.rand(2)
+    >>> with seeded_global_rng(0, torch.device("cpu")):
+    ...     b = torch.rand(2)
+    >>> bool(torch.equal(a, b)), bool(torch.equal(before, torch.random.get_rng_state()))
+    (True, True)
     """
     cuda = device.type == "cuda"
     index = device.index
@@ -184,6 +287,7 @@ def train_score_model(
     X : Tensor of shape (n, d)
         Training data, already on the training device and dtype.
     sde : SDE
+        The forward SDE.
     weighting : {"likelihood_is", "likelihood", "score_matching"}
         Loss weighting (see :mod:`skscoreflow.weighting`).
     eps : float, optional
@@ -212,11 +316,14 @@ def train_score_model(
         ``validation_fn(ema_model) -> float``, higher is better; called every
         ``validation_interval`` steps and at the end.
     validation_interval : int
+        Steps between validations.
     early_stopping : bool
         Stop when the validation score has not improved by ``tol`` for ``n_iter_no_change``
         validations, and restore the best EMA weights.
     n_iter_no_change : int
+        Validations without improvement before stopping.
     tol : float
+        Minimum improvement of the validation score.
     state : TrainState, optional
         Continue from this state (warm start) instead of creating a new optimizer and EMA.
     verbose : int
@@ -225,11 +332,24 @@ def train_score_model(
     Returns
     -------
     TrainState
+        The trained networks, the optimizer and the training history.
 
     Raises
     ------
     NonFiniteLossError
         If the loss becomes NaN or infinite.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skscoreflow.sde import VPSDE
+    >>> from skscoreflow.nets import ScoreMLP
+    >>> g = torch.Generator().manual_seed(0)
+    >>> X = torch.randn(256, 2, generator=g)
+    >>> net = ScoreMLP(2, VPSDE(), hidden_layer_sizes=(16,))
+    >>> state = train_score_model(net, X, VPSDE(), max_iter=20, batch_size=64, generator=g)
+    >>> state.n_iter, len(state.loss_curve), state.ema_model.training
+    (20, 20, False)
     """
     check_weighting(weighting)
     if max_iter < 1:
