@@ -87,6 +87,17 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
         Optimizer steps of the variational dequantizer.
     hidden_layer_sizes : tuple of int, default=(128, 128, 128)
         Widths of the residual blocks of the score network.
+    fourier_features : int, default=0
+        Random Fourier frequencies of the (standardised) input fed to the score network beside
+        the coordinates (:class:`~skscoreflow.nets.FourierFeatures`); 0 feeds the coordinates
+        alone.  128 frequencies at ``fourier_scale=0.5`` let the network represent sharp,
+        oscillating densities that a plain MLP learns very slowly (four narrow concentric
+        rings: 0.037 instead of 0.29 nats from the truth after 10,000 steps) but cost 0.007-0.016
+        nats on smooth 2-D sets (moons, circles, 8gaussians), hence off by default; compare both
+        by cross-validated ``score``.
+    fourier_scale : float, default=0.5
+        Scale of those frequencies: the projection ``B^T x`` of a standard-normal row has this
+        standard deviation (in cycles) in any dimension.
     max_iter : int, default=10000
         Number of optimizer steps.  The training budget dominates the likelihood: the default
         fits 10,000 2-D rows in about 2-3 minutes on 2 CPU cores (see
@@ -124,7 +135,8 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
         instead of starting afresh; the learning-rate warm-up and cosine schedule restart over
         the new ``max_iter``, the standardisation is kept, and a variational dequantizer is
         retrained on the continued score model.  ``sde``, ``eps``, ``hidden_layer_sizes``,
-        ``dequantization``, ``dtype`` and ``device`` cannot change under a warm start.
+        ``fourier_features``, ``fourier_scale``, ``dequantization``, ``dtype`` and ``device``
+        cannot change under a warm start.
     dtype : {"float32", "float64"}, default="float32"
         Precision of training and evaluation.
     device : str, default="auto"
@@ -198,6 +210,8 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
         dequantizer_n_couplings: int = 4,
         dequantizer_max_iter: int = 1000,
         hidden_layer_sizes: tuple[int, ...] = (128, 128, 128),
+        fourier_features: int = 0,
+        fourier_scale: float = 0.5,
         max_iter: int = 10000,
         batch_size: int = 1024,
         learning_rate: float = 2e-3,
@@ -225,6 +239,8 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
         self.dequantizer_n_couplings = dequantizer_n_couplings
         self.dequantizer_max_iter = dequantizer_max_iter
         self.hidden_layer_sizes = hidden_layer_sizes
+        self.fourier_features = fourier_features
+        self.fourier_scale = fourier_scale
         self.max_iter = max_iter
         self.batch_size = batch_size
         self.learning_rate = learning_rate
@@ -298,6 +314,8 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
 
         layer_sizes("hidden_layer_sizes")
         layer_sizes("dequantizer_hidden_layer_sizes")
+        number("fourier_features", 0, integer=True)
+        number("fourier_scale", 0, low_open=True)
         number("max_iter", 1, integer=True)
         number("n_dequantization_samples", 1, integer=True)
         number("dequantizer_n_couplings", 0, integer=True)
@@ -441,7 +459,13 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
             # Module initialisation draws from the global RNG: fork it so the user's state is
             # untouched, and seed it so the initialisation is reproducible.
             with self._forked_rng(seed):
-                net = ScoreMLP(self.n_features_in_, self.sde_, self._hidden_sizes())
+                net = ScoreMLP(
+                    self.n_features_in_,
+                    self.sde_,
+                    self._hidden_sizes(),
+                    fourier_features=int(self.fourier_features),
+                    fourier_scale=float(self.fourier_scale),
+                )
             net = net.to(device=self.device_, dtype=self._torch_dtype)
             self._train_state = None
             state_in = None
@@ -521,6 +545,8 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
             "sde": self.sde,
             "eps": self.eps,
             "hidden_layer_sizes": list(self._hidden_sizes()),
+            "fourier_features": int(self.fourier_features),
+            "fourier_scale": float(self.fourier_scale),
             "dequantization": self.dequantization,
             "dtype": self.dtype,
             "device": str(self.device),
@@ -792,15 +818,18 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
         self.device_ = device
         sde_cfg = dict(state["sde_"])
         self.sde_ = get_sde(sde_cfg.pop("name"), **sde_cfg)
-        self.network_, self._train_state = _restore_network(
-            blob, self.sde_, device, _DTYPES[self.dtype], self.learning_rate
-        )
-        self.dequantizer_ = None
-        if blob.get("dequantizer") is not None:
-            cfg = json.loads(blob["dequantizer"]["config"])
-            deq = VariationalDequantizer(**cfg)
-            deq.load_state_dict(blob["dequantizer"]["state"])
-            self.dequantizer_ = deq.to(device=device, dtype=_DTYPES[self.dtype]).eval()
+        # Building the modules draws initial weights (and Fourier frequencies) from the global
+        # RNG before the stored values overwrite them: fork it so loading leaves it untouched.
+        with torch.random.fork_rng(devices=[]):
+            self.network_, self._train_state = _restore_network(
+                blob, self.sde_, device, _DTYPES[self.dtype], self.learning_rate
+            )
+            self.dequantizer_ = None
+            if blob.get("dequantizer") is not None:
+                cfg = json.loads(blob["dequantizer"]["config"])
+                deq = VariationalDequantizer(**cfg)
+                deq.load_state_dict(blob["dequantizer"]["state"])
+                self.dequantizer_ = deq.to(device=device, dtype=_DTYPES[self.dtype]).eval()
 
     def save(self, path: str) -> None:
         """Save the fitted estimator to ``path`` in a format that runs no code on load.

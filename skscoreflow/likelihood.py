@@ -219,7 +219,7 @@ def _resolve_divergence(divergence_: str, d: int, exact_max_dim: int) -> str:
     return divergence_
 
 
-def default_chunk_size(n_probe_copies: int, budget: int = 2**16) -> int:
+def default_chunk_size(n_probe_copies: int, budget: int = 2**14) -> int:
     """Rows per chunk so that ``rows * copies`` network inputs stay near ``budget``."""
     return max(1, budget // max(1, n_probe_copies))
 

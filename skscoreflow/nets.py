@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from .sde import SDE, get_sde
 
-__all__ = ["ScoreMLP", "NoiseLevelEmbedding"]
+__all__ = ["ScoreMLP", "NoiseLevelEmbedding", "FourierFeatures"]
 
 
 class NoiseLevelEmbedding(nn.Module):
@@ -77,6 +77,60 @@ class NoiseLevelEmbedding(nn.Module):
         return torch.cat([torch.sin(arg), torch.cos(arg)], dim=-1)
 
 
+class FourierFeatures(nn.Module):
+    """Fixed random Fourier features ``[x, sin(2 pi B^T x), cos(2 pi B^T x)]`` of the input.
+
+    A plain MLP on low-dimensional coordinates learns high-frequency structure slowly (spectral
+    bias; Tancik et al., 2020): several narrow concentric rings took the score MLP 10,000 steps
+    to reach 0.29 nats from the truth.  Random sinusoids of the (unit-variance) input give the
+    first layer those frequencies directly.  ``B`` has i.i.d. ``N(0, scale^2 / d)`` entries, so
+    ``B^T x`` has standard deviation ``scale`` for standard-normal ``x`` in any dimension.
+
+    Parameters
+    ----------
+    n_features : int
+        Input dimension ``d``.
+    n_frequencies : int
+        Number of random frequencies ``m``; the output has ``d + 2 m`` features.
+    scale : float
+        Frequency scale (cycles per unit of the standardised input, summed over dimensions).
+
+    Notes
+    -----
+    ``B`` is drawn from the global torch RNG at construction (like ``nn.Linear``'s weights;
+    :class:`~skscoreflow.ScoreFlowDensity` seeds a forked RNG) and stored as a buffer, so it is
+    saved and restored with the state dict.
+
+    Examples
+    --------
+    >>> import torch
+    >>> ff = FourierFeatures(2, n_frequencies=16, scale=0.7)
+    >>> ff(torch.zeros(3, 2)).shape
+    torch.Size([3, 34])
+    """
+
+    def __init__(self, n_features: int, n_frequencies: int, scale: float) -> None:
+        super().__init__()
+        if n_frequencies < 1:
+            raise ValueError(f"n_frequencies must be >= 1, got {n_frequencies}")
+        if not scale > 0:
+            raise ValueError(f"scale must be > 0, got {scale}")
+        self.n_features = int(n_features)
+        self.n_frequencies = int(n_frequencies)
+        self.scale = float(scale)
+        B = torch.randn(self.n_features, self.n_frequencies) * (self.scale / math.sqrt(self.n_features))
+        self.register_buffer("B", B)
+
+    @property
+    def out_features(self) -> int:
+        """``d + 2 m``."""
+        return self.n_features + 2 * self.n_frequencies
+
+    def forward(self, x: Tensor) -> Tensor:
+        proj = (2 * math.pi) * (x @ self.B.to(x.dtype))
+        return torch.cat([x, torch.sin(proj), torch.cos(proj)], dim=-1)
+
+
 class _ResBlock(nn.Module):
     def __init__(self, width_in: int, width: int, emb_dim: int, dropout: float) -> None:
         super().__init__()
@@ -108,6 +162,11 @@ class ScoreMLP(nn.Module):
         Number of noise-level features.
     dropout : float
         Dropout inside the residual blocks.
+    fourier_features : int
+        Number of random Fourier frequencies of the input (:class:`FourierFeatures`); 0 feeds
+        the coordinates alone.
+    fourier_scale : float
+        Their frequency scale.
 
     Notes
     -----
@@ -137,6 +196,8 @@ class ScoreMLP(nn.Module):
         hidden_layer_sizes: Sequence[int] = (256, 256, 256),
         embedding_dim: int = 64,
         dropout: float = 0.0,
+        fourier_features: int = 0,
+        fourier_scale: float = 0.5,
     ) -> None:
         super().__init__()
         sizes = tuple(int(h) for h in hidden_layer_sizes)
@@ -147,13 +208,23 @@ class ScoreMLP(nn.Module):
         self.hidden_layer_sizes = sizes
         self.embedding_dim = int(embedding_dim)
         self.dropout = float(dropout)
+        self.fourier_features = int(fourier_features)
+        self.fourier_scale = float(fourier_scale)
+        if self.fourier_features < 0:
+            raise ValueError(f"fourier_features must be >= 0, got {fourier_features}")
 
         self.embed = NoiseLevelEmbedding(embedding_dim)
         emb_hidden = 2 * embedding_dim
         self.emb_mlp = nn.Sequential(
             nn.Linear(embedding_dim, emb_hidden), nn.SiLU(), nn.Linear(emb_hidden, emb_hidden)
         )
-        self.inp = nn.Linear(self.n_features, sizes[0])
+        self.fourier = (
+            FourierFeatures(self.n_features, self.fourier_features, self.fourier_scale)
+            if self.fourier_features
+            else nn.Identity()
+        )
+        n_in = self.n_features + 2 * self.fourier_features
+        self.inp = nn.Linear(n_in, sizes[0])
         widths = (sizes[0],) + sizes
         self.blocks = nn.ModuleList(
             _ResBlock(widths[i], widths[i + 1], emb_hidden, dropout) for i in range(len(sizes))
@@ -178,6 +249,8 @@ class ScoreMLP(nn.Module):
             "hidden_layer_sizes": list(self.hidden_layer_sizes),
             "embedding_dim": self.embedding_dim,
             "dropout": self.dropout,
+            "fourier_features": self.fourier_features,
+            "fourier_scale": self.fourier_scale,
         }
 
     @classmethod
@@ -222,7 +295,7 @@ class ScoreMLP(nn.Module):
         var = alpha**2 + sigma**2
         x_in = x * torch.rsqrt(var)
         emb = self.emb_mlp(self.embed(torch.log(sigma[:, 0])))
-        h = self.inp(x_in)
+        h = self.inp(self.fourier(x_in))
         for block in self.blocks:
             h = block(h, emb)
         residual = self.out(nn.functional.silu(self.out_norm(h)))

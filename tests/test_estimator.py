@@ -268,7 +268,7 @@ def test_warm_start_rejects_a_different_width(data):
 
 @pytest.mark.parametrize(
     "change", [{"sde": "subvp"}, {"hidden_layer_sizes": (8,)}, {"dtype": "float64"},
-               {"dequantization": "uniform"}]
+               {"dequantization": "uniform"}, {"fourier_features": 4}]
 )
 def test_warm_start_rejects_structural_changes(data, change):
     X, _ = data
@@ -424,3 +424,16 @@ def test_density_integrates_to_one_in_2d():
     density = np.exp(est.score_samples(grid))
     integral = density.sum() * (xs[1] - xs[0]) * (ys[1] - ys[0])
     assert abs(integral - 1.0) < 0.05, integral
+
+
+def test_fourier_features_reach_the_network_and_survive_pickle(data):
+    import pickle
+
+    X, _ = data
+    est = ScoreFlowDensity(**dict(TINY, max_iter=20, fourier_features=6, fourier_scale=0.3)).fit(X)
+    ff = est.network_.fourier
+    assert ff.B.shape == (2, 6) and ff.scale == 0.3
+    again = pickle.loads(pickle.dumps(est))
+    assert np.array_equal(again.score_samples(X[:20]), est.score_samples(X[:20]))
+    refit = ScoreFlowDensity(**dict(TINY, max_iter=20, fourier_features=6, fourier_scale=0.3)).fit(X)
+    assert torch.equal(refit.network_.fourier.B, ff.B)  # seeded by random_state

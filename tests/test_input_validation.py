@@ -44,6 +44,8 @@ BAD_PARAMS = [
     # invalid numbers
     ("max_iter", 0, ValueError, r"max_iter=0 is out of range"),
     ("max_iter", -5, ValueError, r"max_iter=-5 is out of range"),
+    ("fourier_features", -1, ValueError, r"fourier_features=-1 is out of range"),
+    ("fourier_scale", 0.0, ValueError, r"fourier_scale=0.0 is out of range"),
     ("max_iter", 1.5, TypeError, r"max_iter must be an int.*1\.5"),
     ("max_iter", True, TypeError, r"max_iter must be an int"),
     ("max_iter", "100", TypeError, r"max_iter must be an int"),

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from skscoreflow.nets import NoiseLevelEmbedding, ScoreMLP
+from skscoreflow.nets import FourierFeatures, NoiseLevelEmbedding, ScoreMLP
 from skscoreflow.sde import VESDE, VPSDE, SubVPSDE
 
 F64 = torch.float64
@@ -27,7 +27,7 @@ def _randomise_output(net: ScoreMLP, seed: int = 0) -> ScoreMLP:
 def test_untrained_model_is_standard_normal_score(sde):
     """Zero-initialised output: the score is -x / (alpha^2 + sigma^2), exact for N(0, I) data."""
     torch.manual_seed(0)
-    net = ScoreMLP(3, sde, hidden_layer_sizes=(16, 16)).double()
+    net = ScoreMLP(3, sde, hidden_layer_sizes=(16, 16), fourier_features=8).double()
     x = torch.randn(8, 3, dtype=F64)
     t = torch.linspace(1e-5, 1, 8, dtype=F64)
     var = sde.mean_coeff(t) ** 2 + sde.std(t) ** 2
@@ -82,7 +82,13 @@ def test_gradients_reach_every_parameter():
 def test_config_round_trip():
     torch.manual_seed(0)
     net = ScoreMLP(
-        3, SubVPSDE(0.2, 15.0), hidden_layer_sizes=(8, 16), embedding_dim=10, dropout=0.1
+        3,
+        SubVPSDE(0.2, 15.0),
+        hidden_layer_sizes=(8, 16),
+        embedding_dim=10,
+        dropout=0.1,
+        fourier_features=5,
+        fourier_scale=1.3,
     )
     cfg = json.loads(json.dumps(net.config()))  # JSON-serialisable
     rebuilt = ScoreMLP.from_config(cfg)
@@ -131,3 +137,40 @@ class TestNoiseLevelEmbedding:
     def test_invalid_dim(self, dim):
         with pytest.raises(ValueError):
             NoiseLevelEmbedding(dim)
+
+
+@pytest.mark.parametrize("d", [1, 2, 16, 64])
+def test_fourier_projection_has_the_stated_scale_in_any_dimension(d):
+    """B ~ N(0, scale^2 / d): B^T x has standard deviation ``scale`` for x ~ N(0, I_d)."""
+    torch.manual_seed(0)
+    ff = FourierFeatures(d, n_frequencies=4000, scale=0.7)
+    x = torch.randn(1, d, dtype=F64)
+    x = x / x.norm() * d**0.5  # |x|^2 = d exactly: then B^T x ~ N(0, 0.7^2) per frequency
+    proj = x @ ff.B.double()
+    assert abs(float(proj.std()) - 0.7) < 0.7 * 4 / 4000**0.5
+
+
+def test_fourier_features_values_and_shape():
+    torch.manual_seed(0)
+    ff = FourierFeatures(2, n_frequencies=3, scale=1.0)
+    x = torch.randn(5, 2, dtype=F64)
+    out = ff(x)
+    assert out.shape == (5, 2 + 6) and ff.out_features == 8
+    arg = 2 * torch.pi * x @ ff.B.double()
+    torch.testing.assert_close(out, torch.cat([x, arg.sin(), arg.cos()], -1))
+
+
+def test_fourier_frequencies_are_part_of_the_state_dict():
+    torch.manual_seed(0)
+    a = ScoreMLP(2, VPSDE(), (8,), fourier_features=4)
+    torch.manual_seed(1)
+    b = ScoreMLP(2, VPSDE(), (8,), fourier_features=4)
+    assert not torch.equal(a.fourier.B, b.fourier.B)
+    b.load_state_dict(a.state_dict())
+    torch.testing.assert_close(b.fourier.B, a.fourier.B)
+
+
+@pytest.mark.parametrize("kwargs", [{"fourier_features": -1}, {"fourier_features": 2, "fourier_scale": 0.0}])
+def test_invalid_fourier_options(kwargs):
+    with pytest.raises(ValueError, match="must be"):
+        ScoreMLP(2, VPSDE(), (8,), **kwargs)

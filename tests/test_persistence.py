@@ -67,6 +67,22 @@ def _save_load_round_trip(est, tmp_path):
 
 
 @pytest.mark.parametrize("how", ["pickle", "joblib", "save_load"])
+def test_loading_leaves_the_global_rng_untouched(how, fitted, tmp_path):
+    """Rebuilding the modules draws initial weights: that must not advance the user's RNG."""
+    buf = pickle.dumps(fitted)
+    if how == "save_load":
+        fitted.save(tmp_path / "m.pt")
+    state = torch.random.get_rng_state()
+    if how == "pickle":
+        pickle.loads(buf)
+    elif how == "joblib":
+        _joblib_round_trip(fitted)
+    else:
+        ScoreFlowDensity.load(tmp_path / "m.pt")
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
+@pytest.mark.parametrize("how", ["pickle", "joblib", "save_load"])
 def test_round_trip_gives_identical_outputs(how, fitted, reference, data, tmp_path):
     _, X_test = data
     if how == "pickle":
