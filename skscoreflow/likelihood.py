@@ -268,7 +268,7 @@ def ode_log_likelihood(
     exact_max_dim : int
         Largest dimension for which ``"auto"`` picks the exact trace.
     chunk_size : int, optional
-        Rows per solve; by default about 65,536 network inputs per function evaluation.
+        Rows per solve; by default about 16,384 network inputs per function evaluation.
     generator : torch.Generator, optional
         Source of the Hutchinson probes (a fresh generator seeded with 0 when None, so results
         are reproducible).
