@@ -26,7 +26,7 @@ from .dequantization import (
 )
 from .likelihood import DIVERGENCES, ode_log_likelihood
 from .nets import ScoreMLP
-from .sampling import SAMPLERS
+from .sampling import SAMPLERS, SAMPLING_EPS
 from .sde import SDES, get_sde
 from .training import seeded_global_rng, train_score_model
 from .weighting import WEIGHTINGS
@@ -363,9 +363,10 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
         """``log |d z / d x|`` of the standardisation, added to every log-density."""
         return float(-np.log(self.scale_).sum())
 
-    def _solver_kwargs(self) -> dict[str, Any]:
+    def _solver_kwargs(self, eps: float | None = None) -> dict[str, Any]:
         if self.solver in FIXED_SOLVERS:
-            step = (self.sde_.T - self.eps_) / FIXED_STEPS
+            # FIXED_STEPS uniform steps over the interval actually integrated.
+            step = (self.sde_.T - (self.eps_ if eps is None else eps)) / FIXED_STEPS
             return {"method": self.solver, "options": {"step_size": step}}
         return {"method": self.solver, "rtol": self.rtol, "atol": self.atol}
 
@@ -744,9 +745,19 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
         return bits_per_dim(self.score_samples(X), self.n_features_in_)
 
     def sample(
-        self, n_samples: int = 1, random_state: Any = None, method: str = "ode"
+        self,
+        n_samples: int = 1,
+        random_state: Any = None,
+        method: str = "ode",
+        *,
+        n_steps: int = 1000,
+        corrector: bool = False,
     ) -> np.ndarray:
         """Draw samples from the model.
+
+        Both samplers run from ``T`` down to ``max(eps_, s)`` with the sampling cutoff ``s``
+        of :data:`skscoreflow.sampling.SAMPLING_EPS` (1e-3 for VP, as in the paper), never below
+        the times the network was trained on, and finish with a Tweedie denoising step.
 
         Parameters
         ----------
@@ -755,7 +766,13 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
         random_state : int, RandomState instance or None, default=None
             Seed of the sampler (None: fresh randomness).
         method : {"ode", "sde"}, default="ode"
-            Probability-flow ODE or reverse-SDE (Euler-Maruyama, 1000 steps) sampling.
+            Probability-flow ODE (the estimator's solver and tolerances) or reverse-SDE
+            (Euler-Maruyama predictor) sampling.
+        n_steps : int, default=1000
+            Predictor steps of the ``"sde"`` sampler (ignored by ``"ode"``).
+        corrector : bool, default=False
+            Add one Langevin corrector step after each predictor step (``"sde"`` only;
+            predictor-corrector sampling, twice the network evaluations).
 
         Returns
         -------
@@ -768,14 +785,22 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
             raise ValueError(f"n_samples must be a positive int, got {n_samples!r}")
         if method not in SAMPLERS:
             raise ValueError(f"method={method!r} is not valid; expected one of {sorted(SAMPLERS)}")
+        if isinstance(n_steps, bool) or not isinstance(n_steps, numbers.Integral) or n_steps < 1:
+            raise ValueError(f"n_steps must be a positive int, got {n_steps!r}")
+        if not isinstance(corrector, (bool, np.bool_)):
+            raise TypeError(f"corrector must be a bool, got {corrector!r}")
         g = torch.Generator(device=self.device_).manual_seed(self._seed_from(random_state))
+        eps = max(SAMPLING_EPS.get(self.sde_.name, self.eps_), self.eps_)
         kwargs: dict[str, Any] = {
             "generator": g,
             "device": self.device_,
             "dtype": self._torch_dtype,
+            "eps": eps,
         }
         if method == "ode":
-            kwargs.update(self._solver_kwargs())
+            kwargs.update(self._solver_kwargs(eps))
+        else:
+            kwargs.update(n_steps=int(n_steps), corrector=bool(corrector))
         z = SAMPLERS[method](self.network_, self.sde_, int(n_samples), self.n_features_in_, **kwargs)
         samples = z.detach().cpu().numpy().astype(np.float64) * self.scale_ + self.mean_
         if self.dequantization is not None:

@@ -437,3 +437,40 @@ def test_fourier_features_reach_the_network_and_survive_pickle(data):
     assert np.array_equal(again.score_samples(X[:20]), est.score_samples(X[:20]))
     refit = ScoreFlowDensity(**dict(TINY, max_iter=20, fourier_features=6, fourier_scale=0.3)).fit(X)
     assert torch.equal(refit.network_.fourier.B, ff.B)  # seeded by random_state
+
+
+def test_sde_sampling_options_and_cutoff(data, monkeypatch):
+    """n_steps/corrector reach the SDE sampler; the cutoff never goes below the trained eps."""
+    import skscoreflow._estimator as mod
+
+    X, _ = data
+    est = ScoreFlowDensity(**dict(TINY, max_iter=5, eps=0.05)).fit(X)
+    seen = {}
+    real = dict(mod.SAMPLERS)
+
+    def spy(name):
+        def fn(*args, **kwargs):
+            seen[name] = kwargs
+            return real[name](*args, **kwargs)
+
+        return fn
+
+    monkeypatch.setitem(mod.SAMPLERS, "sde", spy("sde"))
+    monkeypatch.setitem(mod.SAMPLERS, "ode", spy("ode"))
+    S = est.sample(7, random_state=0, method="sde", n_steps=12, corrector=True)
+    assert S.shape == (7, 2) and np.isfinite(S).all()
+    assert seen["sde"]["n_steps"] == 12 and seen["sde"]["corrector"] is True
+    assert seen["sde"]["eps"] == 0.05  # trained on t >= 0.05: do not sample below it
+    est.sample(3, random_state=0, method="ode")
+    assert seen["ode"]["eps"] == 0.05 and "n_steps" not in seen["ode"]
+    est.set_params(eps=None).fit(X)
+    est.sample(3, random_state=0, method="sde", n_steps=3)
+    assert seen["sde"]["eps"] == 1e-3  # the paper's VP sampling cutoff above eps = 1e-5
+
+
+@pytest.mark.parametrize("kwargs", [{"n_steps": 0}, {"n_steps": 2.5}, {"corrector": "yes"}])
+def test_bad_sampling_options(data, kwargs):
+    X, _ = data
+    est = ScoreFlowDensity(**dict(TINY, max_iter=2)).fit(X)
+    with pytest.raises((ValueError, TypeError), match="n_steps|corrector"):
+        est.sample(3, method="sde", **kwargs)

@@ -156,3 +156,17 @@ def test_sde_sampler_runs_from_prior_scale_to_data_scale():
     assert float(x1.std()) > 10
     assert float(x.std()) == pytest.approx(0.1, rel=0.1)
     assert math.isfinite(float(x.mean()))
+
+
+@pytest.mark.parametrize("n_steps", [5, 12, 1000])
+def test_langevin_alpha_is_positive_and_matches_score_sde_for_fine_steps(n_steps):
+    """alpha = exp(-beta dt): Score-SDE's 1 - beta_i at N = 1000, positive for coarse steps."""
+    from skscoreflow.sde import VPSDE
+
+    sde = VPSDE()
+    t = torch.linspace(1e-3, 1, 50, dtype=torch.float64)
+    dt = 1.0 / n_steps
+    alpha = sde.langevin_alpha(t, dt)
+    assert (alpha > 0).all() and (alpha <= 1).all()
+    if n_steps == 1000:
+        torch.testing.assert_close(alpha, 1 - sde.beta(t) * dt, atol=2.1e-4, rtol=0)
