@@ -100,8 +100,9 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
         standard deviation (in cycles) in any dimension.
     max_iter : int, default=10000
         Number of optimizer steps.  The training budget dominates the likelihood: the default
-        fits 10,000 2-D rows in about 2-3 minutes on 2 CPU cores (see
-        ``docs/benchmarks/defaults.md``).
+        fits 2-D data in about 3.5 minutes on one CPU thread (see
+        ``docs/benchmarks/quality.md``).  On small data (hundreds of rows) combine it with
+        ``early_stopping=True``: 10,000 steps overfit them.
     batch_size : int, default=1024
         Rows per optimizer step (capped at the number of training rows).
     learning_rate : float, default=2e-3
