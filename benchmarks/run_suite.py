@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset of " + ",".join(PARTS))
     args = parser.parse_args(argv)
     extra = ["--quick"] if args.quick else []
+    host = machine().split(" (")[0]  # the parts set their own thread counts
     log = []
     t_all = time.perf_counter()
     for part in args.parts.split(","):
@@ -65,7 +66,8 @@ def main(argv: list[str] | None = None) -> None:
         fh.write(f"# Benchmark suite run{' (quick)' if args.quick else ''}\n\n")
         fh.write(f"Command: `python benchmarks/run_suite.py{' --quick' if args.quick else ''}"
                  f"{'' if args.parts == ','.join(PARTS) else ' --parts ' + args.parts}`. "
-                 f"Machine: {machine()}.\n\n")
+                 f"Machine: {host}; speed, quality and claims use 1 torch thread per process "
+                 "(quality and claims in worker processes), digits 2.\n\n")
         fh.write("| part | wall minutes | load (1 min) at end |\n|---|---|---|\n")
         for part, minutes, load in log:
             fh.write(f"| {part} | {minutes:.1f} | {load:.2f} |\n")
