@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
         ),
     )
     try:
-        _plot_samples(est, os.path.join(OUT_DIR, "digits_samples.png"))
+        _plot_samples(est, os.path.join(OUT_DIR, f"digits{'_quick' if args.quick else ''}_samples.png"))
     except ImportError:
         print("matplotlib not installed: no sample grid", file=sys.stderr)
 
