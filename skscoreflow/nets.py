@@ -131,6 +131,12 @@ class FourierFeatures(nn.Module):
         return torch.cat([x, torch.sin(proj), torch.cos(proj)], dim=-1)
 
 
+def _per_row_time(t: Tensor | float, x: Tensor) -> Tensor:
+    """``t`` as a tensor of shape ``(n,)`` matching ``x``'s rows, dtype and device."""
+    t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+    return t.expand(x.shape[0]) if t.ndim == 0 else t
+
+
 class _ResBlock(nn.Module):
     def __init__(self, width_in: int, width: int, emb_dim: int, dropout: float) -> None:
         super().__init__()
@@ -287,9 +293,7 @@ class ScoreMLP(nn.Module):
         Tensor of shape (n, d)
             The predicted noise.
         """
-        t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
-        if t.ndim == 0:
-            t = t.expand(x.shape[0])
+        t = _per_row_time(t, x)
         alpha = self.sde.mean_coeff(t)[:, None]
         sigma = self.sde.std(t)[:, None]
         var = alpha**2 + sigma**2
@@ -316,7 +320,5 @@ class ScoreMLP(nn.Module):
         Tensor of shape (n, d)
             The score.
         """
-        t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
-        if t.ndim == 0:
-            t = t.expand(x.shape[0])
+        t = _per_row_time(t, x)
         return -self.noise(x, t) / self.sde.std(t)[:, None]
