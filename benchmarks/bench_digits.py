@@ -57,6 +57,9 @@ def main(argv: list[str] | None = None) -> None:
 
     X, _ = load_digits(return_X_y=True)
     X_train, X_test = train_test_split(X, test_size=0.2, random_state=0)
+    if args.quick:
+        # 64 exact backward passes per ODE step dominate: quick mode scores a third of the rows.
+        X_test = X_test[:120]
     rng = np.random.default_rng(0)
     U_train = X_train + rng.random(X_train.shape)
     U_test = X_test + rng.random(X_test.shape)
@@ -90,10 +93,11 @@ def main(argv: list[str] | None = None) -> None:
     uniform = copy.deepcopy(est)
     uniform.set_params(dequantization="uniform")
     uniform.dequantizer_ = None  # same score network, uniform q(u|x)
-    for K in (1, 4):
-        uniform.set_params(n_dequantization_samples=K)
-        add("ScoreFlowDensity", uniform.score_samples(X_test), t,
-            f"uniform dequantization, K={K} ({est.n_iter_} steps)")
+    # K=4 only for the variational model: each extra draw is a full exact-divergence ODE pass
+    # (about 2 minutes on 2 cores), and K=4 uniform measured 2.434 vs 2.416 variational before.
+    uniform.set_params(n_dequantization_samples=1)
+    add("ScoreFlowDensity", uniform.score_samples(X_test), t,
+        f"uniform dequantization, K=1 ({est.n_iter_} steps)")
     for K in (1, 4):
         est.set_params(n_dequantization_samples=K)
         add("ScoreFlowDensity", est.score_samples(X_test), t,
@@ -110,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
         notes=(
             f"Command: `python benchmarks/bench_digits.py{' --quick' if args.quick else ''}`. "
             "Fixed split `train_test_split(test_size=0.2, random_state=0)` (1437 / 360 rows, 64 "
-            "dims, values 0..16). Every number bounds -log2 P(x)/64 of the discrete test rows "
+            f"dims, values 0..16{'; quick mode scores the first 120 test rows' if args.quick else ''}). Every number bounds -log2 P(x)/64 of the discrete test rows "
             "from above (ScoreFlow evaluates the ODE with the exact divergence, so exp(log p) is "
             "unbiased and the K-sample bound is a true bound). ScoreFlow parameters: "
             + ", ".join(f"`{k}={v!r}`" for k, v in params.items())

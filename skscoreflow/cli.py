@@ -112,6 +112,8 @@ def _estimator_options(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, type=_parse_bool, default=None, metavar="{true,false}")
         elif name.endswith("hidden_layer_sizes"):
             group.add_argument(flag, type=_parse_sizes, default=None, metavar="W[,W...]")
+        elif name == "fourier_features":
+            group.add_argument(flag, type=_parse_int_or_auto, default=None, metavar="{N,auto}")
         elif isinstance(default, int):
             group.add_argument(flag, type=int, default=None)
         elif isinstance(default, float) or name == "eps":
@@ -120,6 +122,15 @@ def _estimator_options(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, type=int, default=None)
         else:
             group.add_argument(flag, type=str, default=None)
+
+
+def _parse_int_or_auto(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int or 'auto', got {text!r}") from None
 
 
 def _parse_bool(text: str) -> bool:

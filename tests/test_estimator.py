@@ -426,6 +426,18 @@ def test_density_integrates_to_one_in_2d():
     assert abs(integral - 1.0) < 0.05, integral
 
 
+def test_default_eps_and_fourier_features_resolve_from_the_data(data):
+    X, _ = data
+    est = ScoreFlowDensity(**TINY).fit(X)
+    assert est.eps_ == 3e-3 and est.fourier_features_ == 128 == est.network_.fourier_features
+    wide = ScoreFlowDensity(**TINY).fit(np.hstack([X, X]))
+    assert wide.fourier_features_ == 0 and wide.network_.fourier_features == 0
+    assert ScoreFlowDensity(**dict(TINY, sde="subvp")).fit(X).eps_ == 1e-2
+    ints = np.round(np.abs(X) * 3)
+    assert ScoreFlowDensity(**dict(TINY, dequantization="uniform")).fit(ints).eps_ == 1e-5
+    assert est.get_params()["fourier_features"] == "auto" and est.eps is None  # params untouched
+
+
 def test_fourier_features_reach_the_network_and_survive_pickle(data):
     import pickle
 
@@ -463,9 +475,12 @@ def test_sde_sampling_options_and_cutoff(data, monkeypatch):
     assert seen["sde"]["eps"] == 0.05  # trained on t >= 0.05: do not sample below it
     est.sample(3, random_state=0, method="ode")
     assert seen["ode"]["eps"] == 0.05 and "n_steps" not in seen["ode"]
-    est.set_params(eps=None).fit(X)
+    est.set_params(eps=1e-5).fit(X)
     est.sample(3, random_state=0, method="sde", n_steps=3)
     assert seen["sde"]["eps"] == 1e-3  # the paper's VP sampling cutoff above eps = 1e-5
+    est.set_params(eps=None).fit(X)
+    est.sample(3, random_state=0, method="sde", n_steps=3)
+    assert est.eps_ == 3e-3 and seen["sde"]["eps"] == 3e-3  # continuous-data default
 
 
 @pytest.mark.parametrize("kwargs", [{"n_steps": 0}, {"n_steps": 2.5}, {"corrector": "yes"}])

@@ -45,6 +45,7 @@ BAD_PARAMS = [
     ("max_iter", 0, ValueError, r"max_iter=0 is out of range"),
     ("max_iter", -5, ValueError, r"max_iter=-5 is out of range"),
     ("fourier_features", -1, ValueError, r"fourier_features=-1 is out of range"),
+    ("fourier_features", "many", ValueError, r"fourier_features='many' is not valid"),
     ("fourier_scale", 0.0, ValueError, r"fourier_scale=0.0 is out of range"),
     ("max_iter", 1.5, TypeError, r"max_iter must be an int.*1\.5"),
     ("max_iter", True, TypeError, r"max_iter must be an int"),

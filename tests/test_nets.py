@@ -160,6 +160,34 @@ def test_fourier_features_values_and_shape():
     torch.testing.assert_close(out, torch.cat([x, arg.sin(), arg.cos()], -1))
 
 
+@pytest.mark.parametrize("r", [0.0, 0.05, 0.3])
+def test_fourier_damping_is_the_expected_feature_under_gaussian_noise(r):
+    """Damped features = E[features(clean + sqrt(r) z)] over z ~ N(0, I) (Monte Carlo oracle)."""
+    torch.manual_seed(0)
+    ff = FourierFeatures(2, n_frequencies=5, scale=1.0)
+    clean = torch.randn(3, 2, dtype=F64)
+    damped = ff(clean, torch.full((3, 1), r, dtype=F64))
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(200_000, 1, 2, generator=g, dtype=F64)
+    mc = ff(clean + r**0.5 * z).mean(0)
+    torch.testing.assert_close(damped[:, 2:], mc[:, 2:], atol=6e-3, rtol=0)
+    torch.testing.assert_close(damped[:, :2], clean)  # the raw coordinates are never damped
+
+
+def test_score_mlp_fourier_features_fade_with_the_noise_level():
+    """At t = T (pure noise) the sinusoids of large frequencies are switched off."""
+    torch.manual_seed(0)
+    net = ScoreMLP(2, VPSDE(), (8,), fourier_features=64, fourier_scale=2.0)
+    x = torch.randn(4, 2)
+    seen = {}
+    net.inp.register_forward_hook(lambda m, inp, out: seen.__setitem__("in", inp[0]))
+    net.noise(x, torch.full((4,), 1e-5))
+    small_t = seen["in"][:, 2:].abs().mean()
+    net.noise(x, torch.ones(4))
+    large_t = seen["in"][:, 2:].abs().mean()
+    assert small_t > 0.4 and large_t < 0.1 * small_t
+
+
 def test_fourier_frequencies_are_part_of_the_state_dict():
     torch.manual_seed(0)
     a = ScoreMLP(2, VPSDE(), (8,), fourier_features=4)
