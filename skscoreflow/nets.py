@@ -255,7 +255,7 @@ class ScoreMLP(nn.Module):
         self.fourier = (
             FourierFeatures(self.n_features, self.fourier_features, self.fourier_scale)
             if self.fourier_features
-            else nn.Identity()
+            else None
         )
         n_in = self.n_features + 2 * self.fourier_features
         self.inp = nn.Linear(n_in, sizes[0])
@@ -327,7 +327,7 @@ class ScoreMLP(nn.Module):
         var = alpha**2 + sigma**2
         x_in = x * torch.rsqrt(var)
         emb = self.emb_mlp(self.embed(torch.log(sigma[:, 0])))
-        feats = self.fourier(x_in, sigma**2 / var) if self.fourier_features else x_in
+        feats = x_in if self.fourier is None else self.fourier(x_in, sigma**2 / var)
         h = self.inp(feats)
         for block in self.blocks:
             h = block(h, emb)
