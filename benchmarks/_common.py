@@ -22,14 +22,27 @@ def load_average() -> float:
         return float("nan")
 
 
-def machine() -> str:
+def device_label(device: str) -> str:
+    """``"cpu"`` or the CUDA card's name, e.g. ``"cuda (NVIDIA H200)"``."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda" and torch.cuda.is_available():
+        return f"cuda ({torch.cuda.get_device_name(dev)})"
+    return str(dev)
+
+
+def machine(device: str = "cpu") -> str:
     import torch
 
     cpu = platform.processor() or platform.machine()
-    return (
+    out = (
         f"{platform.system()} {cpu}, {os.cpu_count()} cores, torch {torch.__version__} "
         f"({torch.get_num_threads()} threads)"
     )
+    if torch.device(device).type == "cuda":
+        out += f", GPU: {device_label(device)}, CUDA {torch.version.cuda}"
+    return out
 
 
 @dataclass
@@ -96,13 +109,20 @@ def fit_kde(X: np.ndarray, seed: int = 0):
     return _Scaled(), search.best_params_["bandwidth"]
 
 
-def write_table(df: pd.DataFrame, name: str, title: str, notes: str = "") -> None:
-    """Write ``docs/benchmarks/<name>.csv`` and ``.md`` (Markdown with a header and notes)."""
-    os.makedirs(OUT_DIR, exist_ok=True)
-    df.to_csv(os.path.join(OUT_DIR, f"{name}.csv"), index=False)
-    with open(os.path.join(OUT_DIR, f"{name}.md"), "w") as fh:
+def write_table(
+    df: pd.DataFrame,
+    name: str,
+    title: str,
+    notes: str = "",
+    out_dir: str = OUT_DIR,
+    device: str = "cpu",
+) -> None:
+    """Write ``<out_dir>/<name>.csv`` and ``.md`` (Markdown with a header and notes)."""
+    os.makedirs(out_dir, exist_ok=True)
+    df.to_csv(os.path.join(out_dir, f"{name}.csv"), index=False)
+    with open(os.path.join(out_dir, f"{name}.md"), "w") as fh:
         fh.write(f"# {title}\n\n")
-        fh.write(f"Machine: {machine()}.\n\n")
+        fh.write(f"Machine: {machine(device)}.\n\n")
         if notes:
             fh.write(notes.strip() + "\n\n")
         fh.write(markdown_table(df))

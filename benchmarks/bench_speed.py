@@ -7,8 +7,9 @@ training loop against a minimal hand-written PyTorch loop.
 1. ``score_samples`` rows/second on one fitted 2-D network (moons, 2,000 steps) at
    ``rtol = atol = 1e-5`` against the paper's evaluation loop: ``scipy.integrate.solve_ivp``
    (RK45) over the flattened batch as a float64 numpy state, the drift and its divergence from
-   autograd on each call (ScoreFlow's ``likelihood.py``), same exact divergence. Ratio and NFE
-   from the same run, and the largest difference of the two log-densities.
+   autograd on each call (ScoreFlow's ``likelihood.py``: its ``div_fn`` summed over the basis
+   probes, so the same exact divergence, each probe paying a forward and a backward pass). Ratio
+   and NFE from the same run, and the largest difference of the two log-densities.
 2. Exact vs Hutchinson (one Rademacher probe) ``ode_log_likelihood`` time per row for
    ``d = 2 ... 64`` on a ScoreMLP with random weights (a non-trivial flow), same tolerance.
 3. ``score_samples`` time and peak resident memory for 1k ... 100k rows, each size in a fresh
@@ -19,6 +20,11 @@ training loop against a minimal hand-written PyTorch loop.
 
 Writes ``docs/benchmarks/speed.{csv,md}``. Each part runs in one process with one torch thread
 (``--threads``), and every row records the load average.
+
+``--device cuda`` runs every part on the GPU (the reference loop then moves its float64 numpy
+state to the GPU and back on each call, as the paper's code does) and writes
+``speed_gpu.{csv,md}`` labelled with the card; the scaling part adds 300k and 1M rows and
+records the peak GPU memory allocated by the call instead of the resident set.
 """
 
 from __future__ import annotations
@@ -33,13 +39,38 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import load_average, write_table  # noqa: E402
+from _common import OUT_DIR, device_label, load_average, write_table  # noqa: E402
+
+
+def _sync() -> None:
+    """Wait for queued CUDA work, so a timer measures it (no-op without CUDA)."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def _timed(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, float]:
+    _sync()
     t0 = time.perf_counter()
     out = fn(*args, **kwargs)
+    _sync()
     return out, time.perf_counter() - t0
+
+
+def paper_exact_divergence(fn: Any, x: Any, t: Any) -> tuple[Any, Any]:
+    """The paper's ``div_fn`` (``likelihood.py``: the gradient of ``sum(fn(x, t) * v)`` dotted
+    with ``v``) summed over the ``d`` basis probes, as ``d`` stacked copies of the batch: every
+    probe pays a forward and a backward pass (ours shares one forward, see ``divergence``)."""
+    import torch
+
+    n, d = x.shape
+    v = torch.eye(d, device=x.device, dtype=x.dtype)[:, None, :].expand(d, n, d).reshape(d * n, d)
+    with torch.enable_grad():
+        xr = x.detach().repeat(d, 1).requires_grad_(True)
+        out = fn(xr, t.repeat(d))
+        (grad,) = torch.autograd.grad((out * v).sum(), xr)
+    return out[:n].detach(), (grad * v).sum(-1).reshape(d, n).sum(0)
 
 
 def scipy_reference_loglik(est: Any, X: np.ndarray, rtol: float, atol: float) -> tuple[np.ndarray, int]:
@@ -47,12 +78,9 @@ def scipy_reference_loglik(est: Any, X: np.ndarray, rtol: float, atol: float) ->
     import torch
     from scipy import integrate
 
-    from skscoreflow.likelihood import divergence, make_probes
-
-    net, sde, eps = est.network_, est.sde_, est.eps_
+    net, sde, eps, device = est.network_, est.sde_, est.eps_, est.device_
     Z = est._standardize(X)
     n, d = Z.shape
-    probes = make_probes(n, d, "exact")
     nfe = 0
 
     def drift(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -61,10 +89,10 @@ def scipy_reference_loglik(est: Any, X: np.ndarray, rtol: float, atol: float) ->
     def ode_func(t: float, state: np.ndarray) -> np.ndarray:
         nonlocal nfe
         nfe += 1
-        x = torch.as_tensor(state[: n * d].reshape(n, d), dtype=torch.float32)
-        vec_t = torch.full((n,), t, dtype=torch.float32)
-        value, div = divergence(drift, x, vec_t, probes, exact=True)
-        return np.concatenate([value.numpy().ravel(), div.numpy()]).astype(np.float64)
+        x = torch.as_tensor(state[: n * d].reshape(n, d), dtype=torch.float32, device=device)
+        vec_t = torch.full((n,), t, dtype=torch.float32, device=device)
+        value, div = paper_exact_divergence(drift, x, vec_t)
+        return np.concatenate([value.cpu().numpy().ravel(), div.cpu().numpy()]).astype(np.float64)
 
     init = np.concatenate([Z.ravel(), np.zeros(n)])
     sol = integrate.solve_ivp(ode_func, (eps, sde.T), init, rtol=rtol, atol=atol, method="RK45")
@@ -73,13 +101,13 @@ def scipy_reference_loglik(est: Any, X: np.ndarray, rtol: float, atol: float) ->
     return sde.prior_log_prob(zT).numpy() + delta + est._log_det, nfe
 
 
-def part_reference(rows: list, quick: bool) -> None:
+def part_reference(rows: list, quick: bool, device: str) -> None:
     from skscoreflow import ScoreFlowDensity
     from skscoreflow.datasets import make_dataset
     from skscoreflow.likelihood import ode_log_likelihood
 
     X = make_dataset("moons", 5000, random_state=0)
-    est = ScoreFlowDensity(max_iter=300 if quick else 2000, random_state=0).fit(X)
+    est = ScoreFlowDensity(max_iter=300 if quick else 2000, random_state=0, device=device).fit(X)
     Xt = make_dataset("moons", 200 if quick else 1000, random_state=1)
     ours_t, ref_t = [], []
     for _ in range(3):  # alternate, take medians: the machine is shared
@@ -100,7 +128,7 @@ def part_reference(rows: list, quick: bool) -> None:
                  "rows_per_s": len(Xt) / t_ref, "nfe": ref_nfe, "ratio": 1.0, "note": "paper-style loop"})
 
 
-def part_divergence(rows: list, quick: bool) -> None:
+def part_divergence(rows: list, quick: bool, device: str) -> None:
     import torch
 
     from skscoreflow.likelihood import ode_log_likelihood
@@ -113,8 +141,9 @@ def part_divergence(rows: list, quick: bool) -> None:
         torch.manual_seed(0)
         net = ScoreMLP(d, sde, (128, 128))
         torch.nn.init.normal_(net.out.weight, std=0.1)  # a non-trivial flow (zero-init is Gaussian)
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(n, d, generator=g)
+        net = net.to(device)
+        g = torch.Generator(device=device).manual_seed(0)
+        x = torch.randn(n, d, generator=g, device=device)
         res = {}
         for div in ("exact", "hutchinson"):
             (ll, info), sec = _timed(
@@ -132,7 +161,7 @@ def part_divergence(rows: list, quick: bool) -> None:
         print(f"d={d}: exact {ex[1]:.2f}s hutchinson {hu[1]:.2f}s", flush=True)
 
 
-def _scaling_worker(n: int, rtol: float) -> dict[str, Any]:
+def _scaling_worker(n: int, rtol: float, device: str) -> dict[str, Any]:
     import resource
 
     import torch
@@ -141,35 +170,50 @@ def _scaling_worker(n: int, rtol: float) -> dict[str, Any]:
     from skscoreflow import ScoreFlowDensity
     from skscoreflow.datasets import make_dataset
 
-    est = ScoreFlowDensity(max_iter=300, random_state=0, rtol=rtol, atol=rtol).fit(
+    est = ScoreFlowDensity(max_iter=300, random_state=0, rtol=rtol, atol=rtol, device=device).fit(
         make_dataset("moons", 2000, random_state=0)
     )
     X = make_dataset("moons", n, random_state=1)
     est.score_samples(X[:100])  # warm up allocator and kernels
+    cuda = est.device_.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(est.device_)
+        base = torch.cuda.memory_allocated(est.device_)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     _, sec = _timed(est.score_samples, X)
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"seconds": sec, "peak_growth_mib": (after - before) / 1024, "rss_mib": after / 1024}
+    out = {"seconds": sec, "peak_growth_mib": (after - before) / 1024, "rss_mib": after / 1024}
+    if cuda:
+        out["gpu_peak_mib"] = (torch.cuda.max_memory_allocated(est.device_) - base) / 2**20
+    return out
 
 
-def part_scaling(rows: list, quick: bool) -> None:
+def part_scaling(rows: list, quick: bool, device: str) -> None:
     from concurrent.futures import ProcessPoolExecutor
     import multiprocessing as mp
 
     sizes = (1000, 3000, 10_000) if quick else (1000, 3000, 10_000, 30_000, 100_000)
+    if device.startswith("cuda") and not quick:
+        sizes += (300_000, 1_000_000)
     ctx = mp.get_context("spawn")
     for n in sizes:
-        with ProcessPoolExecutor(1, mp_context=ctx) as pool:  # fresh process: clean peak RSS
-            res = pool.submit(_scaling_worker, n, 1e-3).result()
+        if device.startswith("cuda"):
+            # The peak GPU memory is reset per call, so no fresh process is needed (and a CUDA
+            # start-up per size would dominate the part).
+            res = _scaling_worker(n, 1e-3, device)
+        else:
+            with ProcessPoolExecutor(1, mp_context=ctx) as pool:  # fresh process: clean peak RSS
+                res = pool.submit(_scaling_worker, n, 1e-3, device).result()
+        note = f"peak RSS growth {res['peak_growth_mib']:.0f} MiB (process {res['rss_mib']:.0f} MiB)"
+        if "gpu_peak_mib" in res:
+            note = f"peak GPU memory of the call {res['gpu_peak_mib']:.0f} MiB; " + note
         rows.append({"part": "rows scaling", "method": "score_samples (rtol=atol=1e-3)", "n_rows": n, "d": 2,
                      "seconds": res["seconds"], "rows_per_s": n / res["seconds"], "nfe": np.nan,
-                     "ratio": np.nan,
-                     "note": f"peak RSS growth {res['peak_growth_mib']:.0f} MiB (process {res['rss_mib']:.0f} MiB)",
-                     "load_1min": load_average()})
+                     "ratio": np.nan, "note": note, "load_1min": load_average()})
         print(f"n={n}: {res}", flush=True)
 
 
-def hand_loop(X: np.ndarray, steps: int, batch_size: int, seed: int = 0) -> float:
+def hand_loop(X: np.ndarray, steps: int, batch_size: int, seed: int = 0, device: str = "cpu") -> float:
     """Minimal training loop: same network, loss and optimizer, nothing else. Returns seconds."""
     import torch
 
@@ -179,23 +223,25 @@ def hand_loop(X: np.ndarray, steps: int, batch_size: int, seed: int = 0) -> floa
     torch.manual_seed(seed)
     sde = VPSDE()
     eps = 3e-3  # the estimator's default for VP on continuous data
-    Z = torch.as_tensor((X - X.mean(0)) / X.std(0), dtype=torch.float32)
-    net = ScoreMLP(2, sde, (128, 128, 128), fourier_features=128)  # "auto" for 2 features
+    Z = torch.as_tensor((X - X.mean(0)) / X.std(0), dtype=torch.float32, device=device)
+    net = ScoreMLP(2, sde, (128, 128, 128), fourier_features=128).to(device)  # "auto" for 2 features
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+    _sync()
     t0 = time.perf_counter()
     for _ in range(steps):
-        x0 = Z[torch.randint(len(Z), (batch_size,))]
-        t = sde.sample_importance_time(batch_size, eps).float()
+        x0 = Z[torch.randint(len(Z), (batch_size,), device=device)]
+        t = sde.sample_importance_time(batch_size, eps, device=device).float()
         z = torch.randn_like(x0)
         xt = sde.mean_coeff(t)[:, None] * x0 + sde.std(t)[:, None] * z
         loss = (net.noise(xt, t) - z).pow(2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
+    _sync()
     return time.perf_counter() - t0
 
 
-def part_training(rows: list, quick: bool) -> None:
+def part_training(rows: list, quick: bool, device: str) -> None:
     from skscoreflow import ScoreFlowDensity
     from skscoreflow.datasets import make_dataset
 
@@ -203,9 +249,11 @@ def part_training(rows: list, quick: bool) -> None:
     steps = 200 if quick else 1000
     ours_t, hand_t = [], []
     for rep in range(3):
-        est = ScoreFlowDensity(max_iter=steps, random_state=rep, batch_size=1024, ema_decay=0.999).fit(X)
+        est = ScoreFlowDensity(
+            max_iter=steps, random_state=rep, batch_size=1024, ema_decay=0.999, device=device
+        ).fit(X)
         ours_t.append(est.fit_time_)
-        hand_t.append(hand_loop(X, steps, 1024, seed=rep))
+        hand_t.append(hand_loop(X, steps, 1024, seed=rep, device=device))
     t_ours, t_hand = float(np.median(ours_t)), float(np.median(hand_t))
     common = {"part": "training loop", "n_rows": len(X), "d": 2, "nfe": np.nan, "load_1min": load_average()}
     rows.append({**common, "method": "ScoreFlowDensity.fit (EMA, clipping, schedule, bookkeeping)",
@@ -226,30 +274,39 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--parts", default=",".join(PARTS))
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="torch device of every part (cpu, cuda)")
+    parser.add_argument("--out-dir", default=OUT_DIR, help="where the tables go (docs/benchmarks)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    gpu = torch.device(args.device).type == "cuda"
     rows: list[dict[str, Any]] = []
+    suffix = ("_gpu" if gpu else "") + ("_quick" if args.quick else "")
+    cmd = "python benchmarks/bench_speed.py" + (" --quick" if args.quick else "")
+    cmd += f" --device {args.device}" if gpu else ""
+    where = f"on {device_label(args.device)}" if gpu else "CPU; no GPU was lent to the run"
+    cols = ["part", "method", "n_rows", "d", "seconds", "rows_per_s", "nfe", "ratio", "note", "load_1min"]
     t0 = time.perf_counter()
     for part in args.parts.split(","):
-        PARTS[part](rows, args.quick)
-    wall = time.perf_counter() - t0
-    cols = ["part", "method", "n_rows", "d", "seconds", "rows_per_s", "nfe", "ratio", "note", "load_1min"]
-    df = pd.DataFrame(rows)[cols]
-    suffix = "_quick" if args.quick else ""
-    write_table(
-        df,
-        "speed" + suffix,
-        "Speed: likelihood evaluation, divergence estimators, scaling, training loop",
-        notes=(
-            f"Command: `python benchmarks/bench_speed.py{' --quick' if args.quick else ''}` "
-            f"({wall / 60:.1f} min, {args.threads} torch thread(s), CPU). `ratio`: for the SciPy "
-            "comparison, reference time / ours (> 1: ours faster); for Hutchinson, exact time / "
-            "Hutchinson time; for the training loop, our time / hand loop time (the overhead, "
-            "1.0 = none). Timings are medians of 3 alternating repeats where stated; compare only "
-            "within a part (the machine is shared: see `load_1min`). No GPU was lent to the run."
-        ),
-    )
-    print(f"done in {wall / 60:.1f} min")
+        PARTS[part](rows, args.quick, args.device)
+        wall = time.perf_counter() - t0
+        # Written after every part: a run stopped early keeps what it finished.
+        write_table(
+            pd.DataFrame(rows)[cols],
+            "speed" + suffix,
+            "Speed: likelihood evaluation, divergence estimators, scaling, training loop"
+            + (f" ({device_label(args.device)})" if gpu else ""),
+            notes=(
+                f"Command: `{cmd}` ({wall / 60:.1f} min, {args.threads} torch thread(s), {where}). "
+                "`ratio`: for the SciPy "
+                "comparison, reference time / ours (> 1: ours faster); for Hutchinson, exact time / "
+                "Hutchinson time; for the training loop, our time / hand loop time (the overhead, "
+                "1.0 = none). Timings are medians of 3 alternating repeats where stated; compare only "
+                "within a part (the machine is shared: see `load_1min`)."
+            ),
+            out_dir=args.out_dir,
+            device=args.device,
+        )
+    print(f"done in {(time.perf_counter() - t0) / 60:.1f} min")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
     python benchmarks/run_suite.py            # the full suite (see benchmarks/README.md for times)
     python benchmarks/run_suite.py --quick    # small budgets: minutes, for a smoke test
     python benchmarks/run_suite.py --parts speed,claims
+    python benchmarks/run_suite.py --device cuda   # on a GPU machine: speed and gpu parts
 
 Parts, in this order (speed first, while nothing else runs, so its timings are clean):
 
@@ -15,7 +16,12 @@ claims     VE/VP/sub-VP x three weightings on two 2-D sets and digits: ODE likel
            importance-sampling variance ratio (``bench_claims.py``)
 digits     bits/dim with uniform and variational dequantization vs GMM and KDE, sample grid
            (``bench_digits.py``)
+gpu        (``--device cuda`` only) the 7 default 2-D fits trained and scored on the GPU, and a
+           GPU model reloaded in a CPU-only process (``bench_gpu.py``)
 =========  ===================================================================================
+
+With ``--device cuda`` the suite runs ``speed`` on the GPU (``speed_gpu.*``) and ``gpu``; the
+anchors of the other parts are CPU methods, and their ScoreFlow rows are the CPU figures.
 
 Each part writes ``docs/benchmarks/<part>[_quick].{csv,md}`` (and its PNGs); ``suite[_quick].md``
 records the wall time of each part and the machine.
@@ -32,6 +38,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import bench_claims  # noqa: E402
 import bench_digits  # noqa: E402
+import bench_gpu  # noqa: E402
 import bench_quality  # noqa: E402
 import bench_speed  # noqa: E402
 from _common import OUT_DIR, load_average, machine  # noqa: E402
@@ -42,30 +49,39 @@ PARTS = {
     "claims": bench_claims.main,
     "digits": bench_digits.main,
 }
+GPU_PARTS = {"speed": bench_speed.main, "gpu": bench_gpu.main}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small budgets (minutes)")
-    parser.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset of " + ",".join(PARTS))
+    parser.add_argument("--parts", default=None, help="comma-separated subset of " + ",".join(PARTS))
+    parser.add_argument("--device", default="cpu", help="'cuda': the GPU parts (speed, gpu) on the GPU")
     args = parser.parse_args(argv)
     extra = ["--quick"] if args.quick else []
+    gpu = args.device.startswith("cuda")
+    parts = GPU_PARTS if gpu else PARTS
+    if args.parts is None:
+        args.parts = ",".join(parts)
+    if gpu:
+        extra += ["--device", args.device]
     host = machine().split(" (")[0]  # the parts set their own thread counts
     log = []
     t_all = time.perf_counter()
     for part in args.parts.split(","):
-        if part not in PARTS:
-            parser.error(f"unknown part {part!r}; expected some of {list(PARTS)}")
+        if part not in parts:
+            parser.error(f"unknown part {part!r} for --device {args.device}; expected some of {list(parts)}")
         print(f"=== {part} ===", flush=True)
         t0 = time.perf_counter()
-        PARTS[part](extra)
+        parts[part](extra)
         log.append((part, (time.perf_counter() - t0) / 60, load_average()))
     total = (time.perf_counter() - t_all) / 60
-    suffix = "_quick" if args.quick else ""
+    suffix = ("_gpu" if gpu else "") + ("_quick" if args.quick else "")
     with open(os.path.join(OUT_DIR, f"suite{suffix}.md"), "w") as fh:
         fh.write(f"# Benchmark suite run{' (quick)' if args.quick else ''}\n\n")
         fh.write(f"Command: `python benchmarks/run_suite.py{' --quick' if args.quick else ''}"
-                 f"{'' if args.parts == ','.join(PARTS) else ' --parts ' + args.parts}`. "
+                 f"{' --device ' + args.device if gpu else ''}"
+                 f"{'' if args.parts == ','.join(parts) else ' --parts ' + args.parts}`. "
                  f"Machine: {host}; speed, quality and claims use 1 torch thread per process "
                  "(quality and claims in worker processes), digits 2.\n\n")
         fh.write("| part | wall minutes | load (1 min) at end |\n|---|---|---|\n")

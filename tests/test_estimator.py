@@ -22,7 +22,10 @@ from sklearn.model_selection import GridSearchCV, KFold
 
 from skscoreflow import ScoreFlowDensity
 
-TINY = dict(hidden_layer_sizes=(16,), max_iter=30, batch_size=64, random_state=0)
+# device="cpu": these tests check CPU contracts (bitwise reproducibility, exact subset
+# invariance, device_), which must hold on a machine with a GPU too; the CUDA path has its own
+# tests (skipped without CUDA).
+TINY = dict(hidden_layer_sizes=(16,), max_iter=30, batch_size=64, random_state=0, device="cpu")
 # Fixed-step solver in float64: a row's result does not depend on the other rows.
 EXACT = dict(TINY, dtype="float64", solver="rk4")
 

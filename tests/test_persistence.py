@@ -21,7 +21,10 @@ from sklearn.exceptions import NotFittedError
 
 from skscoreflow import ScoreFlowDensity
 
-TINY = dict(hidden_layer_sizes=(16,), max_iter=30, batch_size=64, random_state=0)
+# device="cpu": these tests check CPU contracts (bitwise reproducibility, exact subset
+# invariance, device_), which must hold on a machine with a GPU too; the CUDA path has its own
+# tests (skipped without CUDA).
+TINY = dict(hidden_layer_sizes=(16,), max_iter=30, batch_size=64, random_state=0, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -293,3 +296,56 @@ def test_gpu_fit_pickles_to_cpu_tensors(data):
     loaded = _pickle_round_trip(est)
     assert loaded.device_.type == "cuda"
     assert_array_equal(loaded.score_samples(X_test), est.score_samples(X_test))
+
+
+_CPU_ONLY_LOAD = """
+import json, pickle, sys, warnings
+import numpy as np
+import torch
+from skscoreflow import ScoreFlowDensity
+
+assert not torch.cuda.is_available()
+X = np.load(sys.argv[1])
+out = {}
+for how in ("pickle", "save"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if how == "pickle":
+            with open(sys.argv[2], "rb") as fh:
+                est = pickle.load(fh)
+        else:
+            est = ScoreFlowDensity.load(sys.argv[3])
+    out[how] = {"device": str(est.device_), "warnings": [str(w.message) for w in caught],
+                "logp": est.score_samples(X).tolist()}
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_model_loads_in_cpu_only_process(data, tmp_path):
+    """The real thing: a model fitted on the GPU, loaded by a process that sees no GPU
+    (``CUDA_VISIBLE_DEVICES=""``) through pickle and through ``save``/``load``, runs on the CPU
+    and agrees with the GPU's log-densities to the float32/ODE tolerance (kernels differ)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    X, X_test = data
+    est = ScoreFlowDensity(**dict(TINY, device="cuda")).fit(X)
+    gpu = est.score_samples(X_test)
+    with open(tmp_path / "m.pkl", "wb") as fh:
+        pickle.dump(est, fh)
+    est.save(tmp_path / "m.pt")
+    np.save(tmp_path / "rows.npy", X_test)
+    proc = subprocess.run(
+        [sys.executable, "-c", _CPU_ONLY_LOAD, str(tmp_path / "rows.npy"), str(tmp_path / "m.pkl"),
+         str(tmp_path / "m.pt")],
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, capture_output=True, text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    for how in ("pickle", "save"):
+        assert out[how]["device"] == "cpu"
+        assert any("CUDA is not available; loading on CPU" in w for w in out[how]["warnings"])
+        np.testing.assert_allclose(out[how]["logp"], gpu, rtol=0, atol=1e-4)
