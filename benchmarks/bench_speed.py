@@ -18,8 +18,10 @@ training loop against a minimal hand-written PyTorch loop.
 4. Optimizer steps/second of ``ScoreFlowDensity.fit`` vs a minimal loop (same ScoreMLP, batch,
    Adam, importance-sampled likelihood-weighted loss), medians of 3 alternating repeats.
 
-Writes ``docs/benchmarks/speed.{csv,md}``. Each part runs in one process with one torch thread
-(``--threads``), and every row records the load average.
+Writes ``docs/benchmarks/speed.{csv,md}``. On the CPU, parts 1-2 and parts 3-4 run in two worker
+processes side by side (``--jobs 2``, the default; each has one torch thread, ``--threads``, so
+the two cores are not oversubscribed); every ratio is timed within one process, and every row
+records the load average.
 
 ``--device cuda`` runs every part on the GPU (the reference loop then moves its float64 numpy
 state to the GPU and back on each call, as the paper's code does) and writes
@@ -263,41 +265,73 @@ def part_training(rows: list, quick: bool, device: str) -> None:
                  "rows_per_s": steps / t_hand, "ratio": 1.0, "note": "same network, loss, Adam"})
 
 
+PART_NAMES = {"reference": "likelihood vs SciPy RK45", "divergence": "exact vs Hutchinson",
+              "scaling": "rows scaling", "training": "training loop"}
 PARTS = {"reference": part_reference, "divergence": part_divergence, "scaling": part_scaling,
          "training": part_training}
 
 
+def _run_parts(parts: list[str], quick: bool, device: str, threads: int) -> list[dict[str, Any]]:
+    """Run some parts in this process (a worker of ``--jobs``) and return their rows."""
+    import torch
+
+    torch.set_num_threads(threads)
+    rows: list[dict[str, Any]] = []
+    for part in parts:
+        PARTS[part](rows, quick, device)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    import multiprocessing as mp
+
     import torch
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--parts", default=",".join(PARTS))
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--jobs", type=int, default=2,
+        help="worker processes on the CPU: 2 runs reference+divergence beside scaling+training "
+        "(each ratio is timed within one process); always 1 on a GPU",
+    )
     parser.add_argument("--device", default="cpu", help="torch device of every part (cpu, cuda)")
     parser.add_argument("--out-dir", default=OUT_DIR, help="where the tables go (docs/benchmarks)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     gpu = torch.device(args.device).type == "cuda"
-    rows: list[dict[str, Any]] = []
+    jobs = 1 if gpu else max(1, args.jobs)
+    parts = args.parts.split(",")
+    for part in parts:
+        if part not in PARTS:
+            parser.error(f"unknown part {part!r}; expected some of {list(PARTS)}")
+    # Two balanced groups (about 4 minutes each on one CPU thread).
+    groups = [parts] if jobs == 1 else [[p for p in parts if p in ("reference", "divergence")],
+                                        [p for p in parts if p in ("scaling", "training")]]
+    groups = [g for g in groups if g]
     suffix = ("_gpu" if gpu else "") + ("_quick" if args.quick else "")
     cmd = "python benchmarks/bench_speed.py" + (" --quick" if args.quick else "")
     cmd += f" --device {args.device}" if gpu else ""
-    where = f"on {device_label(args.device)}" if gpu else "CPU; no GPU was lent to the run"
+    where = (f"on {device_label(args.device)}" if gpu
+             else f"CPU, {len(groups)} worker process(es) side by side")
     cols = ["part", "method", "n_rows", "d", "seconds", "rows_per_s", "nfe", "ratio", "note", "load_1min"]
+    done: dict[str, list[dict[str, Any]]] = {}
     t0 = time.perf_counter()
-    for part in args.parts.split(","):
-        PARTS[part](rows, args.quick, args.device)
+
+    def write() -> None:
+        # Written after every group: a run stopped early keeps what it finished.
+        rows = [r for p in parts if p in done for r in done[p]]
         wall = time.perf_counter() - t0
-        # Written after every part: a run stopped early keeps what it finished.
         write_table(
             pd.DataFrame(rows)[cols],
             "speed" + suffix,
             "Speed: likelihood evaluation, divergence estimators, scaling, training loop"
             + (f" ({device_label(args.device)})" if gpu else ""),
             notes=(
-                f"Command: `{cmd}` ({wall / 60:.1f} min, {args.threads} torch thread(s), {where}). "
-                "`ratio`: for the SciPy "
+                f"Command: `{cmd}` ({wall / 60:.1f} min, {args.threads} torch thread(s) per "
+                f"process, {where}). `ratio`: for the SciPy "
                 "comparison, reference time / ours (> 1: ours faster); for Hutchinson, exact time / "
                 "Hutchinson time; for the training loop, our time / hand loop time (the overhead, "
                 "1.0 = none). Timings are medians of 3 alternating repeats where stated; compare only "
@@ -306,6 +340,20 @@ def main(argv: list[str] | None = None) -> None:
             out_dir=args.out_dir,
             device=args.device,
         )
+
+    if jobs == 1:
+        for part in parts:
+            done[part] = _run_parts([part], args.quick, args.device, args.threads)
+            write()
+    else:
+        with ProcessPoolExecutor(len(groups), mp_context=mp.get_context("spawn")) as pool:
+            futures = {pool.submit(_run_parts, g, args.quick, args.device, args.threads): g for g in groups}
+            for fut in as_completed(futures):
+                rows = fut.result()
+                for part in futures[fut]:
+                    name = PART_NAMES[part]
+                    done[part] = [r for r in rows if r["part"] == name]
+                write()
     print(f"done in {(time.perf_counter() - t0) / 60:.1f} min")
 
 

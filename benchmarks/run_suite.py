@@ -5,7 +5,8 @@
     python benchmarks/run_suite.py --parts speed,claims
     python benchmarks/run_suite.py --device cuda   # on a GPU machine: speed and gpu parts
 
-Parts, in this order (speed first, while nothing else runs, so its timings are clean):
+Parts, in this order (speed first, while no other part runs: its two worker processes have a
+core each, and each of its ratios is timed within one process):
 
 =========  ===================================================================================
 speed      likelihood speed vs a SciPy RK45 reference loop, exact vs Hutchinson for d = 2..64,
