@@ -102,9 +102,11 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
         concentric rings, 3,000 steps at ``eps=3e-3``: 0.351 nats from the truth without,
         0.032 with 128 frequencies), while for wider tables it is untested.  The resolved count is
         ``fourier_features_``.
-    fourier_scale : float, default=0.5
+    fourier_scale : float, default=0.35
         Scale of those frequencies: the projection ``B^T x`` of a standard-normal row has this
-        standard deviation (in cycles) in any dimension.
+        standard deviation (in cycles) in any dimension.  Lower is smoother: at 20,000 rows 0.35
+        beat 0.5 on six 2-D sets (e.g. moons 0.0057 vs 0.0068 and rings 0.0086 vs 0.0105 nats
+        from the truth; checkerboard equal).
     max_iter : int, default=10000
         Number of optimizer steps.  The training budget dominates the likelihood: the default
         fits 2-D data in about 3.5 minutes on one CPU thread (see
@@ -227,7 +229,7 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
         dequantizer_max_iter: int = 1000,
         hidden_layer_sizes: tuple[int, ...] = (128, 128, 128),
         fourier_features: int | str = "auto",
-        fourier_scale: float = 0.5,
+        fourier_scale: float = 0.35,
         max_iter: int = 10000,
         batch_size: int = 1024,
         learning_rate: float = 2e-3,

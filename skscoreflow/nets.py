@@ -231,7 +231,7 @@ class ScoreMLP(nn.Module):
         embedding_dim: int = 64,
         dropout: float = 0.0,
         fourier_features: int = 0,
-        fourier_scale: float = 0.5,
+        fourier_scale: float = 0.35,
     ) -> None:
         super().__init__()
         sizes = tuple(int(h) for h in hidden_layer_sizes)

@@ -398,10 +398,13 @@ def test_row_permutation_adaptive_solver(fitted, data):
 
 
 def test_subset_invariance_fixed_step(fitted_exact, exact_reference, data):
+    """A row's value does not depend on the other rows (fixed steps, float64) up to rounding:
+    BLAS picks its kernels by matrix size, so a 1- or 5-row batch can differ from the 40-row one
+    in the last bit (seen: 4.4e-16)."""
     _, X_test = data
     ll = exact_reference
     for idx in (slice(0, 1), np.array([3, 30, 7, 12, 25])):
-        assert_array_equal(fitted_exact.score_samples(X_test[idx]), ll[idx])
+        assert_allclose(fitted_exact.score_samples(X_test[idx]), ll[idx], rtol=0, atol=1e-12)
 
 
 def test_density_integrates_to_one_in_2d():
