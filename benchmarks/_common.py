@@ -134,7 +134,7 @@ def markdown_table(df: pd.DataFrame) -> str:
     def fmt(v: Any) -> str:
         if isinstance(v, (float, np.floating)):
             return "" if np.isnan(v) else f"{v:.4f}"
-        return str(v)
+        return str(v).replace("|", "\\|")  # a literal | would split the cell
 
     lines = ["| " + " | ".join(map(str, df.columns)) + " |"]
     lines.append("|" + "|".join("---" for _ in df.columns) + "|")

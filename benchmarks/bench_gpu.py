@@ -101,7 +101,9 @@ def run_set(name: str, n_train: int, n_test: int, device: str, quick: bool, save
             pickle.dump(est, fh)
         est.save(os.path.join(save_dir, "model.pt"))
         np.save(os.path.join(save_dir, "rows.npy"), Xt[:RELOAD_ROWS])
-        np.save(os.path.join(save_dir, "logp_gpu.npy"), logp[:RELOAD_ROWS])
+        # Scored again on their own: the CPU process solves these rows as one chunk, and the
+        # adaptive step is shared by the rows of a chunk (a 20,000-row call uses other chunks).
+        np.save(os.path.join(save_dir, "logp_gpu.npy"), est.score_samples(Xt[:RELOAD_ROWS]))
     print(f"[{name}] {device}: {m:.4f} ± {se:.4f}, fit {fit_s:.1f}s, eval {eval_s:.1f}s", flush=True)
     return row
 
@@ -131,9 +133,9 @@ def reload_on_cpu(save_dir: str) -> list[dict[str, Any]]:
     return rows
 
 
-def _cpu_reference(names: list[str]) -> pd.DataFrame:
-    """The CPU run's defaults and best anchor per set, from ``quality.csv`` (if present)."""
-    path = os.path.join(OUT_DIR, "quality.csv")
+def _cpu_reference(names: list[str], quick: bool = False) -> pd.DataFrame:
+    """The CPU run's defaults and best anchor per set, from ``quality[_quick].csv`` (if present)."""
+    path = os.path.join(OUT_DIR, "quality_quick.csv" if quick else "quality.csv")
     if not os.path.exists(path):
         return pd.DataFrame({"dataset": names})
     q = pd.read_csv(path)
@@ -171,6 +173,8 @@ def main(argv: list[str] | None = None) -> None:
     names = args.datasets.split(",")
     label = device_label(args.device)
     cmd = "python benchmarks/bench_gpu.py" + (" --quick" if args.quick else "") + f" --jobs {args.jobs}"
+    cmd += "" if args.datasets == ",".join(TWO_D) else f" --datasets {args.datasets}"
+    cmd += "" if args.device == "cuda" else f" --device {args.device}"
 
     rows: list[dict[str, Any]] = []
     reload_rows: list[dict[str, Any]] = []
@@ -179,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     def write() -> None:
         df = pd.DataFrame(rows)
         if len(df):
-            df = df.merge(_cpu_reference(names), on="dataset", how="left")
+            df = df.merge(_cpu_reference(names, args.quick), on="dataset", how="left")
             df["gpu_minus_cpu"] = df.test_loglik - df.cpu_defaults_loglik
         notes = (
             f"Command: `{cmd}` ({(time.perf_counter() - t0) / 60:.1f} min wall, {args.jobs} "

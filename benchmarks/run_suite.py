@@ -65,8 +65,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.parts is None:
         args.parts = ",".join(parts)
     if gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error(f"--device {args.device}: CUDA is not available on this machine")
         extra += ["--device", args.device]
-    host = machine().split(" (")[0]  # the parts set their own thread counts
+    host = machine(args.device).split(" (")[0]  # the parts set their own thread counts
     log = []
     t_all = time.perf_counter()
     for part in args.parts.split(","):
@@ -83,8 +87,10 @@ def main(argv: list[str] | None = None) -> None:
         fh.write(f"Command: `python benchmarks/run_suite.py{' --quick' if args.quick else ''}"
                  f"{' --device ' + args.device if gpu else ''}"
                  f"{'' if args.parts == ','.join(parts) else ' --parts ' + args.parts}`. "
-                 f"Machine: {host}; speed, quality and claims use 1 torch thread per process "
-                 "(quality and claims in worker processes), digits 2.\n\n")
+                 f"Machine: {host}; "
+                 + ("the GPU parts run speed in one process and the gpu fits in worker processes "
+                    "sharing the card.\n\n" if gpu else
+                    "speed, quality and claims use 1 torch thread per worker process, digits 2.\n\n"))
         fh.write("| part | wall minutes | load (1 min) at end |\n|---|---|---|\n")
         for part, minutes, load in log:
             fh.write(f"| {part} | {minutes:.1f} | {load:.2f} |\n")

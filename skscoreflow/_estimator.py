@@ -105,8 +105,8 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
     fourier_scale : float, default=0.35
         Scale of those frequencies: the projection ``B^T x`` of a standard-normal row has this
         standard deviation (in cycles) in any dimension.  Lower is smoother: at 20,000 rows 0.35
-        beat 0.5 on six 2-D sets (e.g. moons 0.0057 vs 0.0068 and rings 0.0086 vs 0.0105 nats
-        from the truth; checkerboard equal).
+        beat 0.5 on five 2-D sets and tied on checkerboard (e.g. moons 0.0057 vs 0.0068 and
+        rings 0.0086 vs 0.0105 nats from the truth).
     max_iter : int, default=10000
         Number of optimizer steps.  The training budget dominates the likelihood: the default
         fits 2-D data in about 3.5 minutes on one CPU thread (see

@@ -22,11 +22,12 @@ from sklearn.model_selection import GridSearchCV, KFold
 
 from skscoreflow import ScoreFlowDensity
 
-# device="cpu": these tests check CPU contracts (bitwise reproducibility, exact subset
-# invariance, device_), which must hold on a machine with a GPU too; the CUDA path has its own
-# tests (skipped without CUDA).
+# device="cpu": these tests check CPU contracts (bitwise reproducibility, subset invariance,
+# device_), which must hold on a machine with a GPU too; the CUDA path has its own tests
+# (skipped without CUDA) and test_device_auto_resolves checks the default.
 TINY = dict(hidden_layer_sizes=(16,), max_iter=30, batch_size=64, random_state=0, device="cpu")
-# Fixed-step solver in float64: a row's result does not depend on the other rows.
+# Fixed-step solver in float64: a row's result does not depend on the other rows (up to BLAS
+# rounding across batch sizes).
 EXACT = dict(TINY, dtype="float64", solver="rk4")
 
 
@@ -43,6 +44,13 @@ def fitted_exact(data):
 
 
 # ----------------------------------------------------------------------------- fit / outputs
+def test_device_auto_resolves(data):
+    """The default device is CUDA where it is available, else the CPU."""
+    X, _ = data
+    est = ScoreFlowDensity(**dict(TINY, device="auto", max_iter=2)).fit(X)
+    assert est.device_.type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def test_fitted_attributes(fitted, data):
     X, _ = data
     assert fitted.n_features_in_ == 2

@@ -322,3 +322,28 @@ def test_divergence_create_graph_allows_backprop():
     (grad,) = torch.autograd.grad(div.sum(), w)
     # div(w x^2) = 2 w sum(x), d/dw = 2 sum(x)
     assert float(grad) == pytest.approx(float(2 * x.sum()), rel=1e-12)
+
+
+class _SquareWithBranchyBackward(torch.autograd.Function):
+    """``x**2`` whose backward branches on the data: it cannot be vmapped."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x**2
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        if bool((grad != 0).any()):  # data-dependent control flow
+            return 2 * x * grad
+        return torch.zeros_like(x)
+
+
+def test_divergence_falls_back_when_the_backward_cannot_be_vectorised():
+    x = torch.randn(6, 3, dtype=F64)
+    t = torch.zeros(6, dtype=F64)
+    fn = lambda a, b: _SquareWithBranchyBackward.apply(a)  # noqa: E731
+    value, div = divergence(fn, x, t, make_probes(6, 3, "exact", dtype=F64), exact=True)
+    assert torch.allclose(value, x**2)
+    assert torch.allclose(div, 2 * x.sum(-1))  # div(x^2) = 2 sum(x)
