@@ -60,29 +60,23 @@ def _timed(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, float]:
     return out, time.perf_counter() - t0
 
 
-def paper_exact_divergence(fn: Any, x: Any, t: Any) -> tuple[Any, Any]:
-    """The paper's ``div_fn`` (``likelihood.py``: the gradient of ``sum(fn(x, t) * v)`` dotted
-    with ``v``) summed over the ``d`` basis probes, as ``d`` stacked copies of the batch: every
-    probe pays a forward and a backward pass (ours shares one forward, see ``divergence``)."""
-    import torch
-
-    n, d = x.shape
-    v = torch.eye(d, device=x.device, dtype=x.dtype)[:, None, :].expand(d, n, d).reshape(d * n, d)
-    with torch.enable_grad():
-        xr = x.detach().repeat(d, 1).requires_grad_(True)
-        out = fn(xr, t.repeat(d))
-        (grad,) = torch.autograd.grad((out * v).sum(), xr)
-    return out[:n].detach(), (grad * v).sum(-1).reshape(d, n).sum(0)
-
-
 def scipy_reference_loglik(est: Any, X: np.ndarray, rtol: float, atol: float) -> tuple[np.ndarray, int]:
-    """The paper's evaluation loop: solve_ivp(RK45) on a flattened float64 numpy state."""
+    """The paper's evaluation loop: solve_ivp(RK45) on a flattened float64 numpy state.
+
+    The divergence is the paper's ``div_fn`` (``likelihood.py``: the gradient of
+    ``sum(fn(x, t) * v)`` dotted with ``v``) summed over the ``d`` basis probes, i.e. ``d``
+    stacked copies of the batch, each paying a forward and a backward pass: skscoreflow's
+    fallback path ``_divergence_stacked`` (ours shares one forward pass, see ``divergence``).
+    """
     import torch
     from scipy import integrate
+
+    from skscoreflow.likelihood import _divergence_stacked, make_probes
 
     net, sde, eps, device = est.network_, est.sde_, est.eps_, est.device_
     Z = est._standardize(X)
     n, d = Z.shape
+    probes = make_probes(n, d, "exact", device=device)
     nfe = 0
 
     def drift(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -93,7 +87,7 @@ def scipy_reference_loglik(est: Any, X: np.ndarray, rtol: float, atol: float) ->
         nfe += 1
         x = torch.as_tensor(state[: n * d].reshape(n, d), dtype=torch.float32, device=device)
         vec_t = torch.full((n,), t, dtype=torch.float32, device=device)
-        value, div = paper_exact_divergence(drift, x, vec_t)
+        value, div = _divergence_stacked(drift, x, vec_t, probes, True, False)
         return np.concatenate([value.cpu().numpy().ravel(), div.cpu().numpy()]).astype(np.float64)
 
     init = np.concatenate([Z.ravel(), np.zeros(n)])
