@@ -181,10 +181,11 @@ def learning_rate_at(step: int, max_iter: int, learning_rate: float, warmup: int
 
 @torch.no_grad()
 def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    for pe, p in zip(ema.parameters(), model.parameters()):
-        pe.lerp_(p, 1 - decay)
-    for be, b in zip(ema.buffers(), model.buffers()):
-        be.copy_(b)
+    # Fused over all tensors: one kernel launch per step on a GPU instead of one per tensor.
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+    buffers = list(ema.buffers())
+    if buffers:
+        torch._foreach_copy_(buffers, list(model.buffers()))
 
 
 @contextlib.contextmanager

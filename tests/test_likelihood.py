@@ -347,3 +347,23 @@ def test_divergence_falls_back_when_the_backward_cannot_be_vectorised():
     value, div = divergence(fn, x, t, make_probes(6, 3, "exact", dtype=F64), exact=True)
     assert torch.allclose(value, x**2)
     assert torch.allclose(div, 2 * x.sum(-1))  # div(x^2) = 2 sum(x)
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_stacked_and_vectorised_divergence_agree(monkeypatch, exact):
+    # CPUs vectorise the backward over the probes, GPUs push stacked copies (the faster way on
+    # each, _vectorise_probes); both must give the same numbers.
+    import skscoreflow.likelihood as lik
+
+    g = torch.Generator().manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)).double()
+    fn = lambda a, b: net(torch.cat([a, b[:, None]], -1))  # noqa: E731
+    x, t = torch.randn(7, 3, generator=g, dtype=F64), torch.rand(7, generator=g, dtype=F64)
+    probes = make_probes(7, 3, "exact" if exact else "rademacher", n_probes=1 if exact else 4,
+                         generator=g, dtype=F64)
+    assert lik._vectorise_probes(torch.device("cpu"))
+    assert not lik._vectorise_probes(torch.device("cuda", 0))
+    v1, d1 = divergence(fn, x, t, probes, exact=exact)
+    monkeypatch.setattr(lik, "_vectorise_probes", lambda device: False)
+    v2, d2 = divergence(fn, x, t, probes, exact=exact)
+    assert torch.allclose(v1, v2) and torch.allclose(d1, d2, atol=1e-12)
