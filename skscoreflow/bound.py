@@ -38,14 +38,13 @@ Examples
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Callable
 
 import torch
 from torch import Tensor
 
-from .sde import SDE, get_sde
+from .sde import SDE
 
 __all__ = ["likelihood_bound", "nll_bound_estimate"]
 
@@ -123,9 +122,7 @@ def likelihood_bound(
     if n_time_samples < 1:
         raise ValueError(f"n_time_samples must be >= 1, got {n_time_samples}")
     n, d = x.shape
-    eps = sde.default_eps if eps is None else float(eps)
-    if not 0 < eps < sde.T:
-        raise ValueError(f"eps must lie in (0, {sde.T}), got {eps}")
+    eps = sde._resolve_eps(eps)
     if generator is None:
         generator = torch.Generator(device=x.device).manual_seed(0)
     dev, dt = x.device, x.dtype
@@ -144,10 +141,14 @@ def likelihood_bound(
         for start in range(0, n, rows_per_chunk):
             xc = x[start : start + rows_per_chunk]
             m = xc.shape[0]
-            if importance_sampling:
-                t = sde.sample_importance_time(m * k, eps, generator=generator, device=dev, dtype=dt)
-            else:
-                t = sde.sample_uniform_time(m * k, eps, generator=generator, device=dev, dtype=dt)
+            t = sde.sample_time(
+                m * k,
+                eps,
+                importance_sampling=importance_sampling,
+                generator=generator,
+                device=dev,
+                dtype=dt,
+            )
             x0 = xc.repeat_interleave(k, dim=0)
             z = torch.randn(x0.shape, generator=generator, device=dev, dtype=dt)
             h = _weighted_integrand(score_fn, x0, t, z, sde, eps, importance_sampling, z_norm)
@@ -225,10 +226,10 @@ def nll_bound_estimate(
     torch.Size([2000, 2])
     """
     n, d = x.shape
-    eps = sde.default_eps if eps is None else float(eps)
+    eps = sde._resolve_eps(eps)
     dev, dt = x.device, x.dtype
     z_norm = sde.importance_normalizer(eps).item()
-    t = sde.sample_importance_time(n, eps, generator=generator, device=dev, dtype=dt)
+    t = sde.sample_time(n, eps, generator=generator, device=dev, dtype=dt)
     z = torch.randn(x.shape, generator=generator, device=dev, dtype=dt)
     h = _weighted_integrand(score_fn, x, t, z, sde, eps, True, z_norm)
     diffusion = 0.5 * (h + _reference_expectation(sde, eps, x))
@@ -264,7 +265,9 @@ def _weighted_integrand(
 
 def _reference_expectation(sde: SDE, eps: float, x: Tensor) -> Tensor:
     """``∫_eps^T (g^2/sigma^2) (E||sigma s_ref + z||^2 - d) dt`` per row of ``x``."""
-    k1, k2 = _reference_integrals((sde.name, tuple(sde.config().items())), eps)
+    # Cached on the SDE instance: the constants belong to that SDE (a subclass with other
+    # coefficients, or a new name, gets its own), never to a registry name.
+    k1, k2 = sde._cached(("bound_control_variate", eps), lambda: _reference_integrals(sde, eps))
     return k2 * x.pow(2).sum(-1) - x.shape[1] * k1
 
 
@@ -296,16 +299,14 @@ def _eps_offset(
 
 
 def _reference_residual(sde: SDE, xt: Tensor, t: Tensor, z: Tensor) -> Tensor:
-    """``||sigma s_ref + z||^2`` for the reference score ``s_ref = -x_t / (alpha^2 + sigma^2)``.
+    """``||sigma s_ref + z||^2`` for the SDE's Gaussian reference (:meth:`SDE.reference_noise`).
 
     ``s_ref`` is the exact score of ``N(0, I)`` data (what standardised data look like at
-    large ``t``).  Its residual has the closed-form mean :func:`_reference_mean`, so
+    large ``t``).  Its residual has the closed-form mean ``d c1 + |x0|^2 c2``, so
     ``||sigma s + z||^2 - ||sigma s_ref + z||^2`` plus that mean is an unbiased, much
     lower-variance integrand (a control variate) wherever the model is close to ``s_ref``.
     """
-    sigma = sde.std(t)[:, None]
-    var = sde.mean_coeff(t)[:, None] ** 2 + sigma**2
-    return (z - sigma * xt / var).pow(2).sum(-1)
+    return (z - sde.reference_noise(xt, t)).pow(2).sum(-1)
 
 
 def _reference_weights(sde: SDE, t: Tensor) -> tuple[Tensor, Tensor]:
@@ -316,15 +317,12 @@ def _reference_weights(sde: SDE, t: Tensor) -> tuple[Tensor, Tensor]:
     return (a2 / v) ** 2, s2 * a2 / v**2
 
 
-@functools.lru_cache(maxsize=64)
-def _reference_integrals(sde_key: tuple, eps: float, n_nodes: int = 4097) -> tuple[float, float]:
+def _reference_integrals(sde: SDE, eps: float, n_nodes: int = 4097) -> tuple[float, float]:
     """``∫_eps^T (g^2/sigma^2) (1 - c1) dt`` and ``∫_eps^T (g^2/sigma^2) c2 dt`` (float64).
 
     Simpson's rule in ``log t``: the integrands are smooth there and vanish like ``t`` at small
     ``t``; 4097 nodes give errors far below 1e-8 for the three SDEs.
     """
-    name, params = sde_key
-    sde = get_sde(name, **dict(params))
     u = torch.linspace(math.log(eps), math.log(sde.T), n_nodes, dtype=torch.float64)
     t = torch.exp(u)
     c1, c2 = _reference_weights(sde, t)

@@ -29,30 +29,21 @@ Examples
 
 from __future__ import annotations
 
-import copy
+import math
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-__all__ = [
-    "DEQUANTIZATIONS",
-    "VariationalDequantizer",
-    "uniform_dequantize",
-    "train_dequantizer",
-    "check_integer_valued",
-]
+from .training import TrainState, _optimize
+
+__all__ = ["VariationalDequantizer", "train_dequantizer", "dequantized_log_prob"]
 
 #: Values accepted by ``ScoreFlowDensity(dequantization=...)``.
-#:
-#: Examples
-#: --------
-#: >>> DEQUANTIZATIONS
-#: (None, 'uniform', 'variational')
-DEQUANTIZATIONS = (None, "uniform", "variational")
+_DEQUANTIZATIONS = (None, "uniform", "variational")
 
 
-def check_integer_valued(X: Any, feature_names: Sequence[str] | None = None) -> None:
+def _check_integer_valued(X: Any, feature_names: Sequence[str] | None = None) -> None:
     """Raise a ``ValueError`` naming the first column of ``X`` holding a non-integer value.
 
     Parameters
@@ -70,8 +61,8 @@ def check_integer_valued(X: Any, feature_names: Sequence[str] | None = None) -> 
     Examples
     --------
     >>> import numpy as np
-    >>> check_integer_valued(np.array([[0, 3], [16, 2]]))  # passes silently
-    >>> check_integer_valued(np.array([[0, 3], [16, 2.5]]), feature_names=["a", "b"])
+    >>> _check_integer_valued(np.array([[0, 3], [16, 2]]))  # passes silently
+    >>> _check_integer_valued(np.array([[0, 3], [16, 2.5]]), feature_names=["a", "b"])
     ... # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
@@ -93,7 +84,7 @@ def check_integer_valued(X: Any, feature_names: Sequence[str] | None = None) -> 
         )
 
 
-def uniform_dequantize(x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+def _uniform_dequantize(x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
     """Uniform dequantization noise: ``u ~ U[0, 1)^d`` and ``log q(u | x) = 0``.
 
     Parameters
@@ -114,7 +105,7 @@ def uniform_dequantize(x: Tensor, generator: torch.Generator | None = None) -> t
     --------
     >>> import torch
     >>> x = torch.tensor([[0.0, 3.0], [16.0, 2.0]])
-    >>> u, log_q = uniform_dequantize(x, torch.Generator().manual_seed(0))
+    >>> u, log_q = _uniform_dequantize(x, torch.Generator().manual_seed(0))
     >>> bool(((u >= 0) & (u < 1)).all()), log_q.tolist()
     (True, [0.0, 0.0])
     """
@@ -259,11 +250,20 @@ def train_dequantizer(
     max_iter: int = 1000,
     batch_size: int = 256,
     learning_rate: float = 1e-3,
+    warmup: int | None = None,
     ema_decay: float = 0.99,
     grad_clip: float = 1.0,
     generator: torch.Generator | None = None,
-) -> tuple[VariationalDequantizer, list[float]]:
+    state: TrainState | None = None,
+    verbose: int = 0,
+) -> TrainState:
     """Train ``q_phi(u | x)`` with the score model frozen (ScoreFlow's sequential schedule).
+
+    The loss of a step is the batch mean of ``L(x + u) + log q(u | x)`` with ``u ~ q(. | x)``
+    (reparameterised), an upper bound on ``-log P(x)``.  It runs in the package's one training
+    loop (the one behind :func:`~skscoreflow.training.train_score_model`): mini-batches drawn
+    epoch by epoch, linear warm-up then cosine decay, gradient clipping, an EMA of the weights
+    and the non-finite-loss guard.
 
     Parameters
     ----------
@@ -273,28 +273,34 @@ def train_dequantizer(
         Integer-valued training data (as floats).
     nll_fn : callable
         ``nll_fn(x, u, generator) -> (n,)``: a differentiable (in ``u``) stochastic estimate of
-        the bound ``L(x + u)`` on ``-log p(x + u)``.
+        the bound ``L(x + u)`` on ``-log p(x + u)``, e.g. from
+        :func:`~skscoreflow.bound.nll_bound_estimate`.
     condition : callable, optional
         Maps ``x`` to the dequantizer's conditioning input (e.g. standardisation).
     max_iter : int
         Optimizer steps.
     batch_size : int
-        Rows per step.
+        Rows per step (capped at ``n``).
     learning_rate : float
-        Peak Adam learning rate (cosine decay).
+        Peak Adam learning rate.
+    warmup : int, optional
+        Linear warm-up steps; ``min(100, max_iter // 10)`` when None.
     ema_decay : float
         Decay of the exponential moving average of the weights.
     grad_clip : float
         Global gradient-norm clipping threshold.
     generator : torch.Generator, optional
         Source of mini-batches and noise (seeded with 0 when None).
+    state : TrainState, optional
+        Continue from this state instead of creating a new optimizer and EMA.
+    verbose : int
+        ``> 0`` shows a progress bar (tqdm, when installed).
 
     Returns
     -------
-    ema_dequantizer : VariationalDequantizer
-        The EMA of the trained flow, in evaluation mode.
-    loss_curve : list of float
-        Per-step mean of ``L(x + u) + log q(u | x)`` (nats per row).
+    TrainState
+        ``ema_model`` is the EMA of the trained flow (in evaluation mode); ``loss_curve`` the
+        per-step loss (nats per row).
 
     Raises
     ------
@@ -310,40 +316,99 @@ def train_dequantizer(
     >>> def nll_fn(x, u, g):  # bound on -log p(x + u) under a fixed N(1.5, I) "model"
     ...     return nll_bound_estimate(lambda y, t: -y, x + u - 1.5, VPSDE(), generator=g)
     >>> deq = VariationalDequantizer(2, (8,), 1).double()
-    >>> ema, curve = train_dequantizer(deq, X, nll_fn, max_iter=5, batch_size=16)
-    >>> len(curve), ema.training
+    >>> state = train_dequantizer(deq, X, nll_fn, max_iter=5, batch_size=16)
+    >>> len(state.loss_curve), state.ema_model.training
     (5, False)
     """
-    from .training import learning_rate_at
 
-    if generator is None:
-        generator = torch.Generator(device=X.device).manual_seed(0)
-    n = X.shape[0]
-    batch_size = min(batch_size, n)
-    opt = torch.optim.Adam(dequantizer.parameters(), lr=learning_rate)
-    ema = copy.deepcopy(dequantizer)
-    for p in ema.parameters():
-        p.requires_grad_(False)
-    curve: list[float] = []
-    for it in range(max_iter):
-        idx = torch.randint(0, n, (batch_size,), generator=generator, device=X.device)
-        x = X[idx]
-        for group in opt.param_groups:
-            group["lr"] = learning_rate_at(it, max_iter, learning_rate, min(100, max_iter // 10))
-        u, log_q = dequantizer.sample(condition(x) if condition else x, generator)
-        loss = (nll_fn(x, u, generator) + log_q).mean()
-        if not torch.isfinite(loss):
-            from .training import NonFiniteLossError
+    def loss_fn(flow: nn.Module, x: Tensor, g: torch.Generator) -> Tensor:
+        u, log_q = flow.sample(condition(x) if condition else x, g)
+        return (nll_fn(x, u, g) + log_q).mean()
 
-            raise NonFiniteLossError(f"dequantizer loss became {loss.item()} at step {it + 1}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(dequantizer.parameters(), grad_clip)
-        opt.step()
+    return _optimize(
+        dequantizer,
+        X,
+        loss_fn,
+        max_iter=max_iter,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        warmup=min(100, max_iter // 10) if warmup is None else warmup,
+        grad_clip=grad_clip,
+        ema_decay=ema_decay,
+        generator=generator,
+        state=state,
+        verbose=verbose,
+        name="dequantizer",
+    )
+
+
+def dequantized_log_prob(
+    log_density: Callable[[Tensor], Tensor],
+    x: Tensor,
+    *,
+    n_samples: int = 1,
+    dequantizer: VariationalDequantizer | None = None,
+    transform: Callable[[Tensor], Tensor] | None = None,
+    importance_weighted: bool = True,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Lower bound on ``log P(X = x)`` of integer rows from a density on ``x + u``.
+
+    Draws ``K = n_samples`` dequantizations ``u_k ~ q(u | x)`` (uniform, or the variational
+    ``dequantizer``) and combines ``w_k = log p(x + u_k) - log q(u_k | x)``:
+
+    * ``importance_weighted=True``: ``log (1/K) sum_k exp(w_k)``, the importance-weighted bound
+      (tighter as ``K`` grows; ``K = 1`` is the ELBO).  Valid only when ``log_density`` is the
+      log-density itself: exponentiating a noisy *estimate* (a Monte-Carlo bound, a Hutchinson
+      divergence) biases the average upwards (Jensen), possibly above ``log P(x)``.
+    * ``importance_weighted=False``: ``(1/K) sum_k w_k``, the ELBO averaged over ``K`` draws.
+      Use it when ``log_density`` is an unbiased estimate of a lower bound on ``log p``: the
+      result is then an unbiased estimate of a lower bound on ``log P(x)``.
+
+    Parameters
+    ----------
+    log_density : callable
+        ``log_density(y) -> (n,)``: ``log p`` at ``y = transform(x + u)`` in the model's units.
+    x : Tensor of shape (n, d)
+        Integer-valued rows (as floats).
+    n_samples : int, default=1
+        Dequantization draws ``K`` per row.
+    dequantizer : VariationalDequantizer, optional
+        ``q(u | x)``, conditioned on ``transform(x)``; uniform dequantization when None.
+    transform : callable, optional
+        Maps data units to the model's units (e.g. standardisation); its log-determinant is
+        not included.
+    importance_weighted : bool, default=True
+        Combine the draws by log-mean-exp (True) or by their mean (False), see above.
+    generator : torch.Generator, optional
+        Source of the dequantization noise.
+
+    Returns
+    -------
+    Tensor of shape (n,)
+        float64, in nats, on ``x``'s device.
+
+    Examples
+    --------
+    >>> import math, torch
+    >>> x = torch.zeros(3, 1, dtype=torch.float64)
+    >>> log_p = lambda y: torch.zeros(y.shape[0], dtype=y.dtype)  # U[0, 1) on the cube
+    >>> dequantized_log_prob(log_p, x, n_samples=4).tolist()  # P(x = 0) = 1
+    [0.0, 0.0, 0.0]
+    """
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+    transform = transform if transform is not None else (lambda y: y)
+    terms = []
+    for _ in range(int(n_samples)):
         with torch.no_grad():
-            decay = min(ema_decay, (1 + it) / (10 + it))
-            for pe, p in zip(ema.parameters(), dequantizer.parameters()):
-                pe.lerp_(p, 1 - decay)
-        curve.append(float(loss.detach()))
-    ema.eval()
-    return ema, curve
+            if dequantizer is None:
+                u, log_q = _uniform_dequantize(x, generator)
+            else:
+                u, log_q = dequantizer.sample(transform(x), generator)
+        ll = log_density(transform(x + u))
+        terms.append((ll.detach() - log_q).double())
+    stacked = torch.stack(terms)
+    if importance_weighted:
+        return torch.logsumexp(stacked, 0) - math.log(stacked.shape[0])
+    return stacked.mean(0)

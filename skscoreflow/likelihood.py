@@ -46,32 +46,17 @@ import torch
 from torch import Tensor
 from torchdiffeq import odeint
 
-from .bound import likelihood_bound
 from .sde import SDE
 
-__all__ = [
-    "ode_log_likelihood",
-    "likelihood_bound",
-    "divergence",
-    "DIVERGENCES",
-    "ODEInfo",
-]
+__all__ = ["ode_log_likelihood", "ODEInfo"]
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 
 #: Divergence estimators accepted by ``divergence=`` (ODE likelihood and estimator).
-#:
-#: ``"exact"`` takes the trace of the score's Jacobian, ``"hutchinson"`` the Skilling-Hutchinson
-#: estimate ``v^T J v`` and ``"auto"`` is exact up to ``EXACT_MAX_DIM`` (16) dimensions.
-#:
-#: Examples
-#: --------
-#: >>> DIVERGENCES
-#: ('auto', 'exact', 'hutchinson')
-DIVERGENCES = ("auto", "exact", "hutchinson")
-PROBES = ("rademacher", "gaussian")
+_DIVERGENCES = ("auto", "exact", "hutchinson")
+_PROBES = ("rademacher", "gaussian")
 #: ``divergence="auto"`` uses the exact trace up to this many dimensions.
-EXACT_MAX_DIM = 16
+_EXACT_MAX_DIM = 16
 
 
 @dataclass
@@ -121,7 +106,7 @@ class ODEInfo:
         return int(sum(self.nfe))
 
 
-def make_probes(
+def _make_probes(
     n: int,
     d: int,
     kind: str,
@@ -144,7 +129,7 @@ def make_probes(
         return (2 * v - 1).to(dtype)
     if kind == "gaussian":
         return torch.randn((n_probes, n, d), generator=generator, device=device, dtype=dtype)
-    raise ValueError(f"unknown probe {kind!r}; expected 'exact' or one of {PROBES}")
+    raise ValueError(f"unknown probe {kind!r}; expected 'exact' or one of {_PROBES}")
 
 
 def _vectorise_probes(device: torch.device) -> bool:
@@ -159,7 +144,7 @@ def _vectorise_probes(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-def divergence(
+def _divergence(
     fn: Callable[[Tensor, Tensor], Tensor],
     x: Tensor,
     t: Tensor,
@@ -186,7 +171,7 @@ def divergence(
     t : Tensor of shape (n,)
         Times passed to ``fn``.
     probes : Tensor of shape (k, n, d)
-        From :func:`make_probes`.
+        From :func:`_make_probes`.
     exact : bool
         The probes are the ``d`` basis vectors: sum instead of average.
     create_graph : bool
@@ -204,11 +189,11 @@ def divergence(
     >>> import torch
     >>> fn = lambda x, t: 3.0 * x  # Jacobian 3 I: divergence 3 d
     >>> x, t = torch.randn(5, 4), torch.zeros(5)
-    >>> _, div = divergence(fn, x, t, make_probes(5, 4, "exact"), exact=True)
+    >>> _, div = _divergence(fn, x, t, _make_probes(5, 4, "exact"), exact=True)
     >>> div.tolist()
     [12.0, 12.0, 12.0, 12.0, 12.0]
     >>> g = torch.Generator().manual_seed(0)
-    >>> _, div = divergence(fn, x, t, make_probes(5, 4, "rademacher", generator=g))
+    >>> _, div = _divergence(fn, x, t, _make_probes(5, 4, "rademacher", generator=g))
     >>> div.tolist()  # v^T (3 I) v = 3 |v|^2 = 12 for Rademacher probes
     [12.0, 12.0, 12.0, 12.0, 12.0]
     """
@@ -264,14 +249,14 @@ def _divergence_stacked(
 
 
 def _resolve_divergence(divergence_: str, d: int, exact_max_dim: int) -> str:
-    if divergence_ not in DIVERGENCES:
-        raise ValueError(f"unknown divergence {divergence_!r}; expected one of {DIVERGENCES}")
+    if divergence_ not in _DIVERGENCES:
+        raise ValueError(f"unknown divergence {divergence_!r}; expected one of {_DIVERGENCES}")
     if divergence_ == "auto":
         return "exact" if d <= exact_max_dim else "hutchinson"
     return divergence_
 
 
-def default_chunk_size(n_probe_copies: int, budget: int = 2**14) -> int:
+def _default_chunk_size(n_probe_copies: int, budget: int = 2**14) -> int:
     """Rows per chunk so that the ``rows * probes`` inputs of the backward pass stay near ``budget``."""
     return max(1, budget // max(1, n_probe_copies))
 
@@ -289,7 +274,7 @@ def ode_log_likelihood(
     divergence: str = "auto",
     probe: str = "rademacher",
     n_probes: int = 1,
-    exact_max_dim: int = EXACT_MAX_DIM,
+    exact_max_dim: int = _EXACT_MAX_DIM,
     chunk_size: int | None = None,
     generator: torch.Generator | None = None,
     return_info: bool = False,
@@ -353,18 +338,16 @@ def ode_log_likelihood(
     """
     if x.ndim != 2:
         raise ValueError(f"x must have shape (n_samples, n_features), got {tuple(x.shape)}")
-    if probe not in PROBES:
-        raise ValueError(f"unknown probe {probe!r}; expected one of {PROBES}")
+    if probe not in _PROBES:
+        raise ValueError(f"unknown probe {probe!r}; expected one of {_PROBES}")
     if n_probes < 1:
         raise ValueError(f"n_probes must be >= 1, got {n_probes}")
     n, d = x.shape
-    eps = sde.default_eps if eps is None else float(eps)
-    if not 0 < eps < sde.T:
-        raise ValueError(f"eps must lie in (0, {sde.T}), got {eps}")
+    eps = sde._resolve_eps(eps)
     kind = _resolve_divergence(divergence, d, exact_max_dim)
     copies = d if kind == "exact" else n_probes
     if chunk_size is None:
-        chunk_size = default_chunk_size(copies)
+        chunk_size = _default_chunk_size(copies)
     if generator is None:
         generator = torch.Generator(device=x.device).manual_seed(0)
 
@@ -374,7 +357,7 @@ def ode_log_likelihood(
     for start in range(0, n, chunk_size):
         xc = x[start : start + chunk_size].detach()
         m = xc.shape[0]
-        probes = make_probes(
+        probes = _make_probes(
             m,
             d,
             "exact" if kind == "exact" else probe,
@@ -388,12 +371,11 @@ def ode_log_likelihood(
         def ode_fn(t: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
             nfe[0] += 1
             xs = state[0]
-            tt = t.expand(xs.shape[0])
-            g2 = sde.diffusion_squared(t)
-            score, div_s = divergence_fn(score_fn, xs, tt, probes, exact=kind == "exact")
-            dx = sde.drift(xs, tt) - 0.5 * g2 * score
-            ddelta = sde.drift_divergence(t, d) - 0.5 * g2 * div_s
-            return dx, ddelta.expand(xs.shape[0]) if ddelta.ndim == 0 else ddelta
+            score, div_s = _divergence(
+                score_fn, xs, t.expand(xs.shape[0]), probes, exact=kind == "exact"
+            )
+            # The SDE's own probability-flow drift and its divergence (t is a scalar here).
+            return sde.ode_drift(xs, t, score), sde.ode_drift_divergence(t, d, div_s)
 
         state0 = (xc, torch.zeros(m, dtype=x.dtype, device=x.device))
         with torch.no_grad():
@@ -414,6 +396,3 @@ def ode_log_likelihood(
     return result, info
 
 
-# The public name ``divergence`` is shadowed by the keyword argument inside
-# ``ode_log_likelihood``; keep a module-level alias for the solver closure.
-divergence_fn = divergence

@@ -30,10 +30,10 @@ from torch import Tensor, nn
 
 from .sde import SDE, get_sde
 
-__all__ = ["ScoreMLP", "NoiseLevelEmbedding", "FourierFeatures"]
+__all__ = ["ScoreMLP"]
 
 
-class NoiseLevelEmbedding(nn.Module):
+class _NoiseLevelEmbedding(nn.Module):
     """Sinusoidal features (sin and cos) of ``log sigma`` at geometric frequencies.
 
     Parameters
@@ -46,7 +46,7 @@ class NoiseLevelEmbedding(nn.Module):
     Examples
     --------
     >>> import torch
-    >>> emb = NoiseLevelEmbedding(8)
+    >>> emb = _NoiseLevelEmbedding(8)
     >>> emb(torch.log(torch.tensor([1e-3, 0.5, 1.0]))).shape
     torch.Size([3, 8])
     """
@@ -77,7 +77,7 @@ class NoiseLevelEmbedding(nn.Module):
         return torch.cat([torch.sin(arg), torch.cos(arg)], dim=-1)
 
 
-class FourierFeatures(nn.Module):
+class _FourierFeatures(nn.Module):
     """Fixed random Fourier features ``[x, sin(2 pi B^T x), cos(2 pi B^T x)]`` of the input.
 
     A plain MLP on low-dimensional coordinates learns high-frequency structure slowly (spectral
@@ -109,7 +109,7 @@ class FourierFeatures(nn.Module):
     Examples
     --------
     >>> import torch
-    >>> ff = FourierFeatures(2, n_frequencies=16, scale=0.7)
+    >>> ff = _FourierFeatures(2, n_frequencies=16, scale=0.7)
     >>> ff(torch.zeros(3, 2)).shape
     torch.Size([3, 34])
     """
@@ -197,7 +197,7 @@ class ScoreMLP(nn.Module):
     dropout : float
         Dropout inside the residual blocks.
     fourier_features : int
-        Number of random Fourier frequencies of the input (:class:`FourierFeatures`); 0 feeds
+        Number of random Fourier frequencies of the input (random sinusoids of the input, damped by the noise level); 0 feeds
         the coordinates alone.
     fourier_scale : float
         Their frequency scale.
@@ -247,13 +247,13 @@ class ScoreMLP(nn.Module):
         if self.fourier_features < 0:
             raise ValueError(f"fourier_features must be >= 0, got {fourier_features}")
 
-        self.embed = NoiseLevelEmbedding(embedding_dim)
+        self.embed = _NoiseLevelEmbedding(embedding_dim)
         emb_hidden = 2 * embedding_dim
         self.emb_mlp = nn.Sequential(
             nn.Linear(embedding_dim, emb_hidden), nn.SiLU(), nn.Linear(emb_hidden, emb_hidden)
         )
         self.fourier = (
-            FourierFeatures(self.n_features, self.fourier_features, self.fourier_scale)
+            _FourierFeatures(self.n_features, self.fourier_features, self.fourier_scale)
             if self.fourier_features
             else None
         )
@@ -322,9 +322,8 @@ class ScoreMLP(nn.Module):
             The predicted noise.
         """
         t = _per_row_time(t, x)
-        alpha = self.sde.mean_coeff(t)[:, None]
         sigma = self.sde.std(t)[:, None]
-        var = alpha**2 + sigma**2
+        var = self.sde.reference_variance(t)[:, None]
         x_in = x * torch.rsqrt(var)
         emb = self.emb_mlp(self.embed(torch.log(sigma[:, 0])))
         feats = x_in if self.fourier is None else self.fourier(x_in, sigma**2 / var)
@@ -332,7 +331,8 @@ class ScoreMLP(nn.Module):
         for block in self.blocks:
             h = block(h, emb)
         residual = self.out(nn.functional.silu(self.out_norm(h)))
-        return sigma * x / var + residual
+        # The SDE's Gaussian reference plus the learned departure from it.
+        return self.sde.reference_noise(x, t) + residual
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         """Score ``s_theta(x, t) = -eps_theta(x, t) / sigma(t)``.

@@ -32,19 +32,15 @@ from torchdiffeq import odeint
 
 from .sde import SDE
 
-__all__ = ["sde_sample", "ode_sample", "denoise", "SAMPLERS"]
+__all__ = ["sde_sample", "ode_sample"]
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 
-#: Default sampling cutoffs (score_flow configs: 1e-3 for VP, 1e-2 for sub-VP).
-SAMPLING_EPS = {"vp": 1e-3, "subvp": 1e-2, "ve": 1e-5}
-
-
 def _eps(sde: SDE, eps: float | None) -> float:
-    return SAMPLING_EPS.get(sde.name, sde.default_eps) if eps is None else float(eps)
+    return sde.sampling_eps if eps is None else float(eps)
 
 
-def denoise(score_fn: ScoreFn, x: Tensor, sde: SDE, t: float) -> Tensor:
+def _denoise(score_fn: ScoreFn, x: Tensor, sde: SDE, t: float) -> Tensor:
     """Tweedie denoiser ``E[x_0 | x_t] = (x + sigma^2 s(x, t)) / alpha`` at time ``t``.
 
     Parameters
@@ -68,7 +64,7 @@ def denoise(score_fn: ScoreFn, x: Tensor, sde: SDE, t: float) -> Tensor:
     >>> import torch
     >>> from skscoreflow.sde import VPSDE
     >>> x = torch.ones(1, 2, dtype=torch.float64)
-    >>> denoise(lambda x, t: -x, x, VPSDE(), 0.5)  # N(0, I) data: E[x_0 | x_t] = alpha x_t
+    >>> _denoise(lambda x, t: -x, x, VPSDE(), 0.5)  # N(0, I) data: E[x_0 | x_t] = alpha x_t
     tensor([[0.2812, 0.2812]], dtype=torch.float64)
     """
     tt = torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device)
@@ -109,7 +105,7 @@ def sde_sample(
     n_steps : int
         Number of predictor steps from ``T`` to ``eps``.
     eps : float, optional
-        Final time; 1e-3 (VP), 1e-2 (sub-VP), 1e-5 (VE) when None.
+        Final time; the SDE's ``sampling_eps`` when None.
     corrector : bool
         Run ``n_corrector_steps`` Langevin steps after each predictor step.
     snr : float
@@ -155,7 +151,7 @@ def sde_sample(
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         x = x - drift * dt + torch.sqrt(g2 * dt) * noise
     if denoise_final:
-        x = denoise(score_fn, x, sde, eps)
+        x = _denoise(score_fn, x, sde, eps)
     return x
 
 
@@ -207,7 +203,7 @@ def ode_sample(
     n_features : int
         Data dimension.
     eps : float, optional
-        Final time; 1e-3 (VP), 1e-2 (sub-VP), 1e-5 (VE) when None.
+        Final time; the SDE's ``sampling_eps`` when None.
     rtol : float
         Relative tolerance of the adaptive solver.
     atol : float
@@ -251,14 +247,9 @@ def ode_sample(
     times = torch.tensor([sde.T, eps], dtype=dtype, device=device)
     x = odeint(ode_fn, x, times, rtol=rtol, atol=atol, method=method, options=options)[-1]
     if denoise_final:
-        x = denoise(score_fn, x, sde, eps)
+        x = _denoise(score_fn, x, sde, eps)
     return x
 
 
 #: Samplers by name: the ``method`` values of ``ScoreFlowDensity.sample``.
-#:
-#: Examples
-#: --------
-#: >>> sorted(SAMPLERS)
-#: ['ode', 'sde']
-SAMPLERS: dict[str, Callable[..., Tensor]] = {"ode": ode_sample, "sde": sde_sample}
+_SAMPLERS: dict[str, Callable[..., Tensor]] = {"ode": ode_sample, "sde": sde_sample}

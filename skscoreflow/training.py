@@ -1,10 +1,14 @@
-"""Training loop for score networks: Adam, warm-up, cosine decay, clipping, EMA, early stopping.
+"""The training loop: Adam, warm-up, cosine decay, clipping, EMA, early stopping.
 
-:func:`train_score_model` is the loop behind :class:`~skscoreflow.ScoreFlowDensity` and is
-usable on its own with any ``nn.Module`` whose ``forward(x, t)`` returns the score.  All
-randomness (mini-batches, diffusion times, noise) comes from the ``torch.Generator`` passed in;
-the global torch RNG is never used.  Training state (optimizer, EMA weights, step count) is
-returned in a :class:`TrainState` so that training can be continued (``warm_start``).
+One optimisation loop (``_optimize``) trains every module of the package: the score network
+(:func:`train_score_model`, the loop behind :class:`~skscoreflow.ScoreFlowDensity`, usable on
+its own with any ``nn.Module`` whose ``forward(x, t)`` returns the score) and the variational
+dequantizer (:func:`~skscoreflow.dequantization.train_dequantizer`).  It owns the mini-batches
+(epochs of a seeded permutation), the learning-rate schedule, gradient clipping, the EMA of the
+weights, validation with early stopping and the non-finite-loss guard.  All randomness comes
+from the ``torch.Generator`` passed in; the global torch RNG is never used.  Training state
+(optimizer, EMA weights, step count, curves) is returned in a :class:`TrainState` so that
+training can be continued (``warm_start``).
 
 Examples
 --------
@@ -33,15 +37,9 @@ import torch
 from torch import Tensor, nn
 
 from .sde import SDE
-from .weighting import check_weighting, dsm_loss
+from .weighting import _check_weighting, dsm_loss
 
-__all__ = [
-    "train_score_model",
-    "TrainState",
-    "NonFiniteLossError",
-    "learning_rate_at",
-    "seeded_global_rng",
-]
+__all__ = ["train_score_model", "TrainState", "NonFiniteLossError"]
 
 logger = logging.getLogger("skscoreflow")
 
@@ -49,8 +47,8 @@ logger = logging.getLogger("skscoreflow")
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite.
 
-    Raised by :func:`train_score_model` (and by the variational-dequantizer training) as soon
-    as a step's loss is not finite, with the step number in the message.  Usual fixes: a
+    Raised by the training loop (:func:`train_score_model`, and the variational dequantizer's
+    :func:`~skscoreflow.dequantization.train_dequantizer`) as soon as a step's loss is not finite, with the step number in the message.  Usual fixes: a
     smaller ``learning_rate``, gradient clipping, a larger ``eps``, or checking the data for
     extreme values.  It subclasses :class:`FloatingPointError`.
 
@@ -148,7 +146,7 @@ class TrainState:
     fit_time: float = 0.0
 
 
-def learning_rate_at(step: int, max_iter: int, learning_rate: float, warmup: int) -> float:
+def _learning_rate_at(step: int, max_iter: int, learning_rate: float, warmup: int) -> float:
     """Linear warm-up over ``warmup`` steps, then cosine decay to 1 % of ``learning_rate``.
 
     Parameters
@@ -169,7 +167,7 @@ def learning_rate_at(step: int, max_iter: int, learning_rate: float, warmup: int
 
     Examples
     --------
-    >>> [round(learning_rate_at(s, 100, 1e-3, 10), 6) for s in (0, 9, 10, 55, 99)]
+    >>> [round(_learning_rate_at(s, 100, 1e-3, 10), 6) for s in (0, 9, 10, 55, 99)]
     [0.0001, 0.001, 0.001, 0.000505, 1e-05]
     """
     if warmup > 0 and step < warmup:
@@ -199,12 +197,12 @@ def _global_rng_from(generator: torch.Generator, device: torch.device) -> Any:
     probe = torch.Generator(device=generator.device)
     probe.set_state(generator.get_state())
     seed = int(torch.randint(0, 2**62, (1,), generator=probe, device=generator.device))
-    with seeded_global_rng(seed, device):
+    with _seeded_global_rng(seed, device):
         yield
 
 
 @contextlib.contextmanager
-def seeded_global_rng(seed: int, device: torch.device) -> Iterator[None]:
+def _seeded_global_rng(seed: int, device: torch.device) -> Iterator[None]:
     """Run a block with the global CPU RNG (and ``device``'s CUDA RNG) seeded with ``seed``.
 
     Only those generators are touched, and both are restored afterwards, so the caller's
@@ -227,9 +225,9 @@ def seeded_global_rng(seed: int, device: torch.device) -> Iterator[None]:
     --------
     >>> import torch
     >>> before = torch.random.get_rng_state()
-    >>> with seeded_global_rng(0, torch.device("cpu")):
+    >>> with _seeded_global_rng(0, torch.device("cpu")):
     ...     a = torch.rand(2)
-    >>> with seeded_global_rng(0, torch.device("cpu")):
+    >>> with _seeded_global_rng(0, torch.device("cpu")):
     ...     b = torch.rand(2)
     >>> bool(torch.equal(a, b)), bool(torch.equal(before, torch.random.get_rng_state()))
     (True, True)
@@ -245,14 +243,134 @@ def seeded_global_rng(seed: int, device: torch.device) -> Iterator[None]:
         yield
 
 
-def _progress(total: int, verbose: int) -> Any:
+def _progress(total: int, verbose: int, name: str) -> Any:
     if verbose <= 0:
         return None
     try:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover - optional dependency
         return None
-    return tqdm(total=total, desc="skscoreflow fit", leave=False)
+    return tqdm(total=total, desc=f"skscoreflow {name}", leave=False)
+
+
+def _optimize(
+    model: nn.Module,
+    X: Tensor,
+    loss_fn: Callable[[nn.Module, Tensor, torch.Generator], Tensor],
+    *,
+    max_iter: int,
+    batch_size: int,
+    learning_rate: float,
+    warmup: int,
+    grad_clip: float | None = 1.0,
+    ema_decay: float = 0.999,
+    weight_decay: float = 0.0,
+    generator: torch.Generator | None = None,
+    validation_fn: Callable[[nn.Module], float] | None = None,
+    validation_interval: int = 200,
+    early_stopping: bool = False,
+    n_iter_no_change: int = 10,
+    tol: float = 1e-4,
+    state: TrainState | None = None,
+    verbose: int = 0,
+    name: str = "training",
+) -> TrainState:
+    """The one optimisation loop: ``max_iter`` steps of ``loss_fn(model, batch, generator)``.
+
+    Mini-batches are drawn without replacement, epoch by epoch, from a permutation of the rows
+    drawn from ``generator``; ``loss_fn`` draws its own noise from the same generator, so a
+    seeded generator makes the whole run reproducible.  Modules drawing from the global RNG
+    (``nn.Dropout``) run under a global RNG seeded from (a copy of) ``generator`` and restored
+    afterwards.  See :func:`train_score_model` for the other parameters.
+    """
+    if max_iter < 1:
+        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+    n = X.shape[0]
+    if n < 1:
+        raise ValueError("cannot train on an empty data set")
+    batch_size = min(int(batch_size), n)
+    if generator is None:
+        generator = torch.Generator(device=X.device).manual_seed(0)
+    if early_stopping and validation_fn is None:
+        raise ValueError("early_stopping needs a validation_fn")
+
+    if state is None:
+        opt_cls = torch.optim.AdamW if weight_decay > 0 else torch.optim.Adam
+        kwargs = {"weight_decay": weight_decay} if weight_decay > 0 else {}
+        optimizer = opt_cls(model.parameters(), lr=learning_rate, **kwargs)
+        ema_model = copy.deepcopy(model)
+        for p in ema_model.parameters():
+            p.requires_grad_(False)
+        state = TrainState(model=model, ema_model=ema_model, optimizer=optimizer)
+    optimizer = state.optimizer
+    ema_model = state.ema_model
+
+    start = time.perf_counter()
+    bar = _progress(max_iter, verbose, name)
+    perm = torch.randperm(n, generator=generator, device=X.device)
+    pos = 0
+    no_improve = 0
+    model.train()
+    try:
+        with _global_rng_from(generator, X.device):
+            for it in range(max_iter):
+                if pos + batch_size > n:
+                    perm = torch.randperm(n, generator=generator, device=X.device)
+                    pos = 0
+                batch = X[perm[pos : pos + batch_size]]
+                pos += batch_size
+
+                lr = _learning_rate_at(it, max_iter, learning_rate, warmup)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                loss = loss_fn(model, batch, generator)
+                if not torch.isfinite(loss):
+                    raise NonFiniteLossError(
+                        f"{name} loss became {loss.item()} at step {state.n_iter + 1}; try a "
+                        "smaller learning_rate, gradient clipping, or a larger eps"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if grad_clip is not None and grad_clip > 0:
+                    nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+                optimizer.step()
+                # Early in training a plain average is better than a long EMA (warm-up of the
+                # decay, as in many diffusion codebases).
+                decay = min(ema_decay, (1 + state.n_iter) / (10 + state.n_iter))
+                _ema_update(ema_model, model, decay)
+                state.n_iter += 1
+                state.loss_curve.append(float(loss.detach()))
+                if bar is not None:
+                    bar.update(1)
+                    if it % 50 == 0:
+                        bar.set_postfix(loss=f"{state.loss_curve[-1]:.4f}")
+
+                last = it == max_iter - 1
+                if validation_fn is not None and ((it + 1) % validation_interval == 0 or last):
+                    ema_model.eval()
+                    score = float(validation_fn(ema_model))
+                    state.validation_scores.append(score)
+                    state.validation_iters.append(state.n_iter)
+                    if verbose > 0:
+                        logger.info("step %d: validation score %.5f", state.n_iter, score)
+                    best = state.best_validation_score
+                    if best is None or score > best + tol:
+                        state.best_validation_score = score
+                        state.best_state = copy.deepcopy(ema_model.state_dict())
+                        no_improve = 0
+                    else:
+                        no_improve += 1
+                    if early_stopping and no_improve >= n_iter_no_change:
+                        state.stopped_early = True
+                        break
+    finally:
+        if bar is not None:
+            bar.close()
+    if early_stopping and state.best_state is not None:
+        ema_model.load_state_dict(state.best_state)
+    ema_model.eval()
+    state.fit_time += time.perf_counter() - start
+    return state
 
 
 def train_score_model(
@@ -352,94 +470,30 @@ def train_score_model(
     >>> state.n_iter, len(state.loss_curve), state.ema_model.training
     (20, 20, False)
     """
-    check_weighting(weighting)
-    if max_iter < 1:
-        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
-    n = X.shape[0]
-    if n < 1:
-        raise ValueError("cannot train on an empty data set")
-    batch_size = min(int(batch_size), n)
-    if generator is None:
-        generator = torch.Generator(device=X.device).manual_seed(0)
-    if early_stopping and validation_fn is None:
-        raise ValueError("early_stopping needs a validation_fn")
+    _check_weighting(weighting)
 
-    if state is None:
-        opt_cls = torch.optim.AdamW if weight_decay > 0 else torch.optim.Adam
-        kwargs = {"weight_decay": weight_decay} if weight_decay > 0 else {}
-        optimizer = opt_cls(model.parameters(), lr=learning_rate, **kwargs)
-        ema_model = copy.deepcopy(model)
-        for p in ema_model.parameters():
-            p.requires_grad_(False)
-        state = TrainState(model=model, ema_model=ema_model, optimizer=optimizer)
-    optimizer = state.optimizer
-    ema_model = state.ema_model
+    def loss_fn(net: nn.Module, batch: Tensor, g: torch.Generator) -> Tensor:
+        if batch_transform is not None:
+            batch = batch_transform(batch, g)
+        return dsm_loss(net, batch, sde, weighting, eps, generator=g).mean()
 
-    start = time.perf_counter()
-    bar = _progress(max_iter, verbose)
-    perm = torch.randperm(n, generator=generator, device=X.device)
-    pos = 0
-    no_improve = 0
-    model.train()
-    try:
-        with _global_rng_from(generator, X.device):
-            for it in range(max_iter):
-                if pos + batch_size > n:
-                    perm = torch.randperm(n, generator=generator, device=X.device)
-                    pos = 0
-                batch = X[perm[pos : pos + batch_size]]
-                pos += batch_size
-                if batch_transform is not None:
-                    batch = batch_transform(batch, generator)
-
-                lr = learning_rate_at(it, max_iter, learning_rate, warmup)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                loss = dsm_loss(model, batch, sde, weighting, eps, generator=generator).mean()
-                if not torch.isfinite(loss):
-                    raise NonFiniteLossError(
-                        f"training loss became {loss.item()} at step {state.n_iter + 1}; try a "
-                        "smaller learning_rate, gradient clipping, or a larger eps"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if grad_clip is not None and grad_clip > 0:
-                    nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-                optimizer.step()
-                # Early in training a plain average is better than a long EMA (warm-up of the
-                # decay, as in many diffusion codebases).
-                decay = min(ema_decay, (1 + state.n_iter) / (10 + state.n_iter))
-                _ema_update(ema_model, model, decay)
-                state.n_iter += 1
-                state.loss_curve.append(float(loss.detach()))
-                if bar is not None:
-                    bar.update(1)
-                    if it % 50 == 0:
-                        bar.set_postfix(loss=f"{state.loss_curve[-1]:.4f}")
-
-                last = it == max_iter - 1
-                if validation_fn is not None and ((it + 1) % validation_interval == 0 or last):
-                    ema_model.eval()
-                    score = float(validation_fn(ema_model))
-                    state.validation_scores.append(score)
-                    state.validation_iters.append(state.n_iter)
-                    if verbose > 0:
-                        logger.info("step %d: validation score %.5f", state.n_iter, score)
-                    best = state.best_validation_score
-                    if best is None or score > best + tol:
-                        state.best_validation_score = score
-                        state.best_state = copy.deepcopy(ema_model.state_dict())
-                        no_improve = 0
-                    else:
-                        no_improve += 1
-                    if early_stopping and no_improve >= n_iter_no_change:
-                        state.stopped_early = True
-                        break
-    finally:
-        if bar is not None:
-            bar.close()
-    if early_stopping and state.best_state is not None:
-        ema_model.load_state_dict(state.best_state)
-    ema_model.eval()
-    state.fit_time += time.perf_counter() - start
-    return state
+    return _optimize(
+        model,
+        X,
+        loss_fn,
+        max_iter=max_iter,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        warmup=warmup,
+        grad_clip=grad_clip,
+        ema_decay=ema_decay,
+        weight_decay=weight_decay,
+        generator=generator,
+        validation_fn=validation_fn,
+        validation_interval=validation_interval,
+        early_stopping=early_stopping,
+        n_iter_no_change=n_iter_no_change,
+        tol=tol,
+        state=state,
+        verbose=verbose,
+    )

@@ -37,59 +37,27 @@ from torch import Tensor
 
 from .sde import SDE
 
-__all__ = ["WEIGHTINGS", "sample_time", "dsm_loss", "check_weighting"]
+__all__ = ["dsm_loss"]
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 
-#: The loss weightings accepted by ``ScoreFlowDensity(weighting=...)``.
-#:
-#: Each is mapped to its time sampling: ``"uniform"`` on ``[eps, T]`` or ``"importance"``
-#: (``p_IS ∝ g^2 / sigma^2``).
-#:
-#: Examples
-#: --------
-#: >>> WEIGHTINGS["likelihood_is"], WEIGHTINGS["score_matching"]
-#: ('importance', 'uniform')
-WEIGHTINGS: dict[str, str] = {
+#: The loss weightings accepted by ``ScoreFlowDensity(weighting=...)``, each mapped to its time
+#: sampling: ``"uniform"`` on ``[eps, T]`` or ``"importance"`` (``p_IS ∝ g^2 / sigma^2``).
+_WEIGHTINGS: dict[str, str] = {
     "score_matching": "uniform",
     "likelihood": "uniform",
     "likelihood_is": "importance",
 }
 
 
-def check_weighting(weighting: str) -> str:
-    """Validate a weighting name and return it.
-
-    Parameters
-    ----------
-    weighting : str
-        A key of :data:`WEIGHTINGS`.
-
-    Returns
-    -------
-    str
-        ``weighting`` unchanged.
-
-    Raises
-    ------
-    ValueError
-        If ``weighting`` is not a known weighting.
-
-    Examples
-    --------
-    >>> check_weighting("likelihood_is")
-    'likelihood_is'
-    >>> check_weighting("likelihood-is")
-    Traceback (most recent call last):
-    ...
-    ValueError: unknown weighting 'likelihood-is'; expected one of ['likelihood', 'likelihood_is', 'score_matching']
-    """
-    if not isinstance(weighting, str) or weighting not in WEIGHTINGS:
-        raise ValueError(f"unknown weighting {weighting!r}; expected one of {sorted(WEIGHTINGS)}")
+def _check_weighting(weighting: str) -> str:
+    """``weighting`` itself if it is a key of ``_WEIGHTINGS``; a ``ValueError`` otherwise."""
+    if not isinstance(weighting, str) or weighting not in _WEIGHTINGS:
+        raise ValueError(f"unknown weighting {weighting!r}; expected one of {sorted(_WEIGHTINGS)}")
     return weighting
 
 
-def sample_time(
+def _sample_time(
     sde: SDE,
     n: int,
     weighting: str,
@@ -99,44 +67,11 @@ def sample_time(
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
-    """Draw training times for ``weighting``: uniform on ``[eps, T]`` or from ``p_IS``.
-
-    Parameters
-    ----------
-    sde : SDE
-        The forward SDE.
-    n : int
-        Number of times.
-    weighting : {"score_matching", "likelihood", "likelihood_is"}
-        Only ``"likelihood_is"`` samples from ``p_IS ∝ g^2 / sigma^2``.
-    eps : float, optional
-        Lower time cutoff; the SDE's default when None.
-    generator : torch.Generator, optional
-        Source of randomness.
-    device : torch.device or str, optional
-        Device of the result.
-    dtype : torch.dtype, default=torch.float32
-        Floating-point type of the result.
-
-    Returns
-    -------
-    Tensor of shape (n,)
-        Times in ``[eps, T]``.
-
-    Examples
-    --------
-    >>> import torch
-    >>> from skscoreflow.sde import VPSDE
-    >>> g = torch.Generator().manual_seed(0)
-    >>> t_is = sample_time(VPSDE(), 10_000, "likelihood_is", generator=g)
-    >>> t_unif = sample_time(VPSDE(), 10_000, "likelihood", generator=g)
-    >>> bool(t_is.median() < 0.2 < t_unif.median())  # p_IS puts its mass at small t
-    True
-    """
-    kind = WEIGHTINGS[check_weighting(weighting)]
-    if kind == "importance":
-        return sde.sample_importance_time(n, eps, generator=generator, device=device, dtype=dtype)
-    return sde.sample_uniform_time(n, eps, generator=generator, device=device, dtype=dtype)
+    """Training times for ``weighting``: from ``p_IS`` for "likelihood_is", else uniform."""
+    importance = _WEIGHTINGS[_check_weighting(weighting)] == "importance"
+    return sde.sample_time(
+        n, eps, importance_sampling=importance, generator=generator, device=device, dtype=dtype
+    )
 
 
 def dsm_loss(
@@ -189,10 +124,10 @@ def dsm_loss(
     >>> round(float(loss.mean()), 1)  # > 0 even for the exact score (denoising error)
     0.6
     """
-    check_weighting(weighting)
+    _check_weighting(weighting)
     n = x0.shape[0]
     if t is None:
-        t = sample_time(
+        t = _sample_time(
             sde, n, weighting, eps, generator=generator, device=x0.device, dtype=x0.dtype
         )
     if z is None:

@@ -180,10 +180,10 @@ def test_wrong_width_data_for_model(workdir, model, capsys):
 @pytest.mark.parametrize(
     "option, value, needle",
     [
-        ("--sde", "vpp", "sde='vpp' is not valid"),
-        ("--weighting", "foo", "weighting='foo' is not valid"),
-        ("--dtype", "float16", "dtype='float16' is not valid"),
-        ("--max-iter", "0", "max_iter=0 is out of range"),
+        ("--sde", "vpp", "unknown sde 'vpp'"),
+        ("--weighting", "foo", "The 'weighting' parameter of ScoreFlowDensity must be"),
+        ("--dtype", "float16", "The 'dtype' parameter of ScoreFlowDensity must be"),
+        ("--max-iter", "0", "The 'max_iter' parameter of ScoreFlowDensity must be"),
     ],
 )
 def test_unknown_option_value(option, value, needle, workdir, capsys):

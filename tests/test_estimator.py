@@ -472,7 +472,7 @@ def test_sde_sampling_options_and_cutoff(data, monkeypatch):
     X, _ = data
     est = ScoreFlowDensity(**dict(TINY, max_iter=5, eps=0.05)).fit(X)
     seen = {}
-    real = dict(mod.SAMPLERS)
+    real = dict(mod._SAMPLERS)
 
     def spy(name):
         def fn(*args, **kwargs):
@@ -481,8 +481,8 @@ def test_sde_sampling_options_and_cutoff(data, monkeypatch):
 
         return fn
 
-    monkeypatch.setitem(mod.SAMPLERS, "sde", spy("sde"))
-    monkeypatch.setitem(mod.SAMPLERS, "ode", spy("ode"))
+    monkeypatch.setitem(mod._SAMPLERS, "sde", spy("sde"))
+    monkeypatch.setitem(mod._SAMPLERS, "ode", spy("ode"))
     S = est.sample(7, random_state=0, method="sde", n_steps=12, corrector=True)
     assert S.shape == (7, 2) and np.isfinite(S).all()
     assert seen["sde"]["n_steps"] == 12 and seen["sde"]["corrector"] is True

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from skscoreflow.likelihood import (
-    DIVERGENCES,
-    divergence,
-    make_probes,
+    _DIVERGENCES,
+    _divergence,
+    _make_probes,
     ode_log_likelihood,
 )
 from skscoreflow.nets import ScoreMLP
@@ -180,7 +180,7 @@ def test_hutchinson_error_is_that_of_one_fixed_probe(name, probe, gaussian_oracl
     integrated error is v^T M v - tr M with M = 1/2 ∫ g^2 C_t^-1 dt = U diag(m) U^T,
     m_k = 1/2 log(c_k(T)/c_k(eps)) - ∫ f dt (from dc/dt = 2 f c + g^2).  A probe redrawn at
     each solver step would average the error away.  The probes are regenerated here with
-    ``make_probes`` from the same seed (a single chunk draws them first).
+    ``_make_probes`` from the same seed (a single chunk draws them first).
     """
     sde = SDES[name]
     oracle = _gaussian(gaussian_oracle, spd, sde, "full3", F64, "cpu")
@@ -191,7 +191,7 @@ def test_hutchinson_error_is_that_of_one_fixed_probe(name, probe, gaussian_oracl
         oracle.score, x, sde, divergence="hutchinson", probe=probe, n_probes=2,
         generator=torch.Generator().manual_seed(21),
     )
-    v = make_probes(n, 3, probe, 2, generator=torch.Generator().manual_seed(21), dtype=F64)
+    v = _make_probes(n, 3, probe, 2, generator=torch.Generator().manual_seed(21), dtype=F64)
     e, T = torch.tensor(eps, dtype=F64), torch.tensor(sde.T, dtype=F64)
     m = 0.5 * torch.log(oracle.variances(T) / oracle.variances(e))
     m = m - sde.drift_divergence_integral(eps, 1)
@@ -262,12 +262,12 @@ def test_empty_input_and_validation():
         ode_log_likelihood(score, torch.zeros(3, 2), sde, eps=0.0)
     with pytest.raises(ValueError) as err:
         ode_log_likelihood(score, torch.zeros(3, 2), sde, divergence="trace")
-    for option in DIVERGENCES:
+    for option in _DIVERGENCES:
         assert option in str(err.value)
 
 
 # --------------------------------------------------------------------------------------------
-# divergence() and make_probes()
+# _divergence() and _make_probes()
 # --------------------------------------------------------------------------------------------
 def _nonlinear(x, t):
     return torch.stack(
@@ -280,9 +280,9 @@ def test_exact_divergence_is_jacobian_trace():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(6, 3, generator=g, dtype=F64)
     t = torch.rand(6, generator=g, dtype=F64)
-    probes = make_probes(6, 3, "exact", dtype=F64)
+    probes = _make_probes(6, 3, "exact", dtype=F64)
     assert probes.shape == (3, 6, 3)
-    value, div = divergence(_nonlinear, x, t, probes, exact=True)
+    value, div = _divergence(_nonlinear, x, t, probes, exact=True)
     torch.testing.assert_close(value, _nonlinear(x, t))
     for i in range(6):
         row_fn = lambda r: _nonlinear(r[None], t[i : i + 1])[0]  # noqa: E731, B023
@@ -295,28 +295,28 @@ def test_hutchinson_divergence_unbiased(kind):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 3, generator=g, dtype=F64)
     t = torch.rand(4, generator=g, dtype=F64)
-    _, exact = divergence(_nonlinear, x, t, make_probes(4, 3, "exact", dtype=F64), exact=True)
-    probes = make_probes(4, 3, kind, 20_000, generator=g, dtype=F64)
-    _, est = divergence(_nonlinear, x, t, probes)
+    _, exact = _divergence(_nonlinear, x, t, _make_probes(4, 3, "exact", dtype=F64), exact=True)
+    probes = _make_probes(4, 3, kind, 20_000, generator=g, dtype=F64)
+    _, est = _divergence(_nonlinear, x, t, probes)
     torch.testing.assert_close(est, exact, rtol=0, atol=0.06)
 
 
 def test_make_probes():
     g = torch.Generator().manual_seed(0)
-    r = make_probes(5, 4, "rademacher", 3, generator=g)
+    r = _make_probes(5, 4, "rademacher", 3, generator=g)
     assert r.shape == (3, 5, 4) and set(r.unique().tolist()) == {-1.0, 1.0}
-    n = make_probes(5, 4, "gaussian", 2, generator=g, dtype=F64)
+    n = _make_probes(5, 4, "gaussian", 2, generator=g, dtype=F64)
     assert n.shape == (2, 5, 4) and n.dtype == F64
     with pytest.raises(ValueError):
-        make_probes(5, 4, "sphere")
+        _make_probes(5, 4, "sphere")
 
 
 def test_divergence_create_graph_allows_backprop():
     w = torch.tensor(2.0, dtype=F64, requires_grad=True)
     x = torch.randn(5, 3, dtype=F64)
     t = torch.zeros(5, dtype=F64)
-    _, div = divergence(
-        lambda a, b: w * a**2, x, t, make_probes(5, 3, "exact", dtype=F64), exact=True,
+    _, div = _divergence(
+        lambda a, b: w * a**2, x, t, _make_probes(5, 3, "exact", dtype=F64), exact=True,
         create_graph=True,
     )
     (grad,) = torch.autograd.grad(div.sum(), w)
@@ -344,7 +344,7 @@ def test_divergence_falls_back_when_the_backward_cannot_be_vectorised():
     x = torch.randn(6, 3, dtype=F64)
     t = torch.zeros(6, dtype=F64)
     fn = lambda a, b: _SquareWithBranchyBackward.apply(a)  # noqa: E731
-    value, div = divergence(fn, x, t, make_probes(6, 3, "exact", dtype=F64), exact=True)
+    value, div = _divergence(fn, x, t, _make_probes(6, 3, "exact", dtype=F64), exact=True)
     assert torch.allclose(value, x**2)
     assert torch.allclose(div, 2 * x.sum(-1))  # div(x^2) = 2 sum(x)
 
@@ -359,11 +359,11 @@ def test_stacked_and_vectorised_divergence_agree(monkeypatch, exact):
     net = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)).double()
     fn = lambda a, b: net(torch.cat([a, b[:, None]], -1))  # noqa: E731
     x, t = torch.randn(7, 3, generator=g, dtype=F64), torch.rand(7, generator=g, dtype=F64)
-    probes = make_probes(7, 3, "exact" if exact else "rademacher", n_probes=1 if exact else 4,
+    probes = _make_probes(7, 3, "exact" if exact else "rademacher", n_probes=1 if exact else 4,
                          generator=g, dtype=F64)
     assert lik._vectorise_probes(torch.device("cpu"))
     assert not lik._vectorise_probes(torch.device("cuda", 0))
-    v1, d1 = divergence(fn, x, t, probes, exact=exact)
+    v1, d1 = _divergence(fn, x, t, probes, exact=exact)
     monkeypatch.setattr(lik, "_vectorise_probes", lambda device: False)
-    v2, d2 = divergence(fn, x, t, probes, exact=exact)
+    v2, d2 = _divergence(fn, x, t, probes, exact=exact)
     assert torch.allclose(v1, v2) and torch.allclose(d1, d2, atol=1e-12)

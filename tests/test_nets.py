@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from skscoreflow.nets import FourierFeatures, NoiseLevelEmbedding, ScoreMLP
+from skscoreflow.nets import _FourierFeatures, _NoiseLevelEmbedding, ScoreMLP
 from skscoreflow.sde import VESDE, VPSDE, SubVPSDE
 
 F64 = torch.float64
@@ -119,7 +119,7 @@ def test_invalid_hidden_sizes(sizes):
 
 class TestNoiseLevelEmbedding:
     def test_shape_and_bounds(self):
-        emb = NoiseLevelEmbedding(12)
+        emb = _NoiseLevelEmbedding(12)
         out = emb(torch.linspace(-12, 4, 9))
         assert out.shape == (9, 12)
         assert out.abs().max() <= 1
@@ -127,7 +127,7 @@ class TestNoiseLevelEmbedding:
         torch.testing.assert_close(out[:, :6] ** 2 + out[:, 6:] ** 2, torch.ones(9, 6))
 
     def test_distinguishes_noise_levels(self):
-        emb = NoiseLevelEmbedding(32)
+        emb = _NoiseLevelEmbedding(32)
         log_sigma = torch.log(VPSDE().std(torch.logspace(-5, 0, 50)))
         out = emb(log_sigma)
         d = torch.cdist(out, out) + torch.eye(50) * 1e3
@@ -136,14 +136,14 @@ class TestNoiseLevelEmbedding:
     @pytest.mark.parametrize("dim", [0, 1, 7])
     def test_invalid_dim(self, dim):
         with pytest.raises(ValueError):
-            NoiseLevelEmbedding(dim)
+            _NoiseLevelEmbedding(dim)
 
 
 @pytest.mark.parametrize("d", [1, 2, 16, 64])
 def test_fourier_projection_has_the_stated_scale_in_any_dimension(d):
     """B ~ N(0, scale^2 / d): B^T x has standard deviation ``scale`` for x ~ N(0, I_d)."""
     torch.manual_seed(0)
-    ff = FourierFeatures(d, n_frequencies=4000, scale=0.7)
+    ff = _FourierFeatures(d, n_frequencies=4000, scale=0.7)
     x = torch.randn(1, d, dtype=F64)
     x = x / x.norm() * d**0.5  # |x|^2 = d exactly: then B^T x ~ N(0, 0.7^2) per frequency
     proj = x @ ff.B.double()
@@ -152,7 +152,7 @@ def test_fourier_projection_has_the_stated_scale_in_any_dimension(d):
 
 def test_fourier_features_values_and_shape():
     torch.manual_seed(0)
-    ff = FourierFeatures(2, n_frequencies=3, scale=1.0)
+    ff = _FourierFeatures(2, n_frequencies=3, scale=1.0)
     x = torch.randn(5, 2, dtype=F64)
     out = ff(x)
     assert out.shape == (5, 2 + 6) and ff.out_features == 8
@@ -164,7 +164,7 @@ def test_fourier_features_values_and_shape():
 def test_fourier_damping_is_the_expected_feature_under_gaussian_noise(r):
     """Damped features = E[features(clean + sqrt(r) z)] over z ~ N(0, I) (Monte Carlo oracle)."""
     torch.manual_seed(0)
-    ff = FourierFeatures(2, n_frequencies=5, scale=1.0)
+    ff = _FourierFeatures(2, n_frequencies=5, scale=1.0)
     clean = torch.randn(3, 2, dtype=F64)
     damped = ff(clean, torch.full((3, 1), r, dtype=F64))
     g = torch.Generator().manual_seed(1)

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from skscoreflow.sampling import SAMPLERS, denoise, ode_sample, sde_sample
+from skscoreflow.sampling import _SAMPLERS, _denoise, ode_sample, sde_sample
 from skscoreflow.sde import VESDE, VPSDE, SubVPSDE
 
 F64 = torch.float64
@@ -48,7 +48,7 @@ def test_samplers_reproduce_gaussian_moments(
     sde = SDES[name]
     oracle = gaussian_oracle(sde, MEAN.to(device, dtype), COV.to(device, dtype))
     gen = torch.Generator(device=device).manual_seed(0)
-    x = SAMPLERS[sampler](
+    x = _SAMPLERS[sampler](
         oracle.score, sde, N, 2, generator=gen, device=device, dtype=dtype, **kwargs
     )
     assert x.dtype == dtype
@@ -73,7 +73,7 @@ def test_ode_sample_is_exact_inverse_flow_then_denoise(name, gaussian_oracle):
         oracle.score, sde, 50, 2, generator=torch.Generator().manual_seed(3), dtype=F64,
         rtol=1e-8, atol=1e-8,
     )
-    torch.testing.assert_close(den, denoise(oracle.score, x_eps, sde, eps), rtol=0, atol=1e-5)
+    torch.testing.assert_close(den, _denoise(oracle.score, x_eps, sde, eps), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["vp", "subvp", "ve"])
@@ -87,7 +87,7 @@ def test_denoise_is_gaussian_posterior_mean(name, gaussian_oracle):
     alpha, sigma = sde.mean_coeff(tt), sde.std(tt)
     C = alpha**2 * COV + sigma**2 * torch.eye(2, dtype=F64)
     post = MEAN + (alpha * (xt - alpha * MEAN)) @ torch.linalg.solve(C, COV)
-    torch.testing.assert_close(denoise(oracle.score, xt, sde, t), post)
+    torch.testing.assert_close(_denoise(oracle.score, xt, sde, t), post)
 
 
 def test_sde_sampler_discretisation_error_shrinks():
@@ -112,9 +112,9 @@ def test_samplers_reproducible_and_float32_default(sampler):
         return -y
 
     kw = {"n_steps": 20} if sampler == "sde" else {}
-    a = SAMPLERS[sampler](score, sde, 10, 3, generator=torch.Generator().manual_seed(1), **kw)
-    b = SAMPLERS[sampler](score, sde, 10, 3, generator=torch.Generator().manual_seed(1), **kw)
-    c = SAMPLERS[sampler](score, sde, 10, 3, generator=torch.Generator().manual_seed(2), **kw)
+    a = _SAMPLERS[sampler](score, sde, 10, 3, generator=torch.Generator().manual_seed(1), **kw)
+    b = _SAMPLERS[sampler](score, sde, 10, 3, generator=torch.Generator().manual_seed(1), **kw)
+    c = _SAMPLERS[sampler](score, sde, 10, 3, generator=torch.Generator().manual_seed(2), **kw)
     assert a.dtype == torch.float32 and a.shape == (10, 3)
     assert torch.equal(a, b) and not torch.equal(a, c)
 
@@ -138,7 +138,7 @@ def test_corrector_changes_samples_and_global_rng_untouched():
 def test_sde_sample_validation():
     with pytest.raises(ValueError, match="n_steps"):
         sde_sample(lambda y, t: -y, VPSDE(), 5, 2, n_steps=0)
-    assert set(SAMPLERS) == {"ode", "sde"}
+    assert set(_SAMPLERS) == {"ode", "sde"}
 
 
 def test_sde_sampler_runs_from_prior_scale_to_data_scale():

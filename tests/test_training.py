@@ -19,7 +19,7 @@ from skscoreflow.sde import VPSDE
 from skscoreflow.training import (
     NonFiniteLossError,
     TrainState,
-    learning_rate_at,
+    _learning_rate_at,
     train_score_model,
 )
 
@@ -185,15 +185,15 @@ def test_warm_start_continues_n_iter():
 
 def test_learning_rate_schedule():
     lr = 1e-3
-    assert learning_rate_at(0, 100, lr, 10) == pytest.approx(1e-4)
-    assert learning_rate_at(9, 100, lr, 10) == pytest.approx(1e-3)
-    assert learning_rate_at(10, 100, lr, 10) == pytest.approx(1e-3)
-    assert learning_rate_at(55, 100, lr, 10) == pytest.approx(lr * (0.01 + 0.99 * 0.5))
-    assert learning_rate_at(100, 100, lr, 10) == pytest.approx(1e-5)
-    assert learning_rate_at(500, 100, lr, 10) == pytest.approx(1e-5)
-    values = [learning_rate_at(s, 100, lr, 10) for s in range(10, 101)]
+    assert _learning_rate_at(0, 100, lr, 10) == pytest.approx(1e-4)
+    assert _learning_rate_at(9, 100, lr, 10) == pytest.approx(1e-3)
+    assert _learning_rate_at(10, 100, lr, 10) == pytest.approx(1e-3)
+    assert _learning_rate_at(55, 100, lr, 10) == pytest.approx(lr * (0.01 + 0.99 * 0.5))
+    assert _learning_rate_at(100, 100, lr, 10) == pytest.approx(1e-5)
+    assert _learning_rate_at(500, 100, lr, 10) == pytest.approx(1e-5)
+    values = [_learning_rate_at(s, 100, lr, 10) for s in range(10, 101)]
     assert all(a >= b for a, b in zip(values, values[1:]))
-    assert learning_rate_at(0, 100, lr, 0) == pytest.approx(lr)
+    assert _learning_rate_at(0, 100, lr, 0) == pytest.approx(lr)
 
 
 def test_training_validation_errors():

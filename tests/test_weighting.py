@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from skscoreflow.sde import VESDE, VPSDE, SubVPSDE
-from skscoreflow.weighting import WEIGHTINGS, check_weighting, dsm_loss, sample_time
+from skscoreflow.weighting import _WEIGHTINGS, _check_weighting, dsm_loss, _sample_time
 
 F64 = torch.float64
 
@@ -94,29 +94,30 @@ def test_unknown_weighting_raises_value_error_naming_options():
         dsm_loss(_score_fn, torch.zeros(2, 2), VPSDE(), "bogus")
     msg = str(err.value)
     assert "bogus" in msg
-    for option in WEIGHTINGS:
+    for option in _WEIGHTINGS:
         assert option in msg
     with pytest.raises(ValueError):
-        check_weighting(None)  # type: ignore[arg-type]
+        _check_weighting(None)  # type: ignore[arg-type]
     with pytest.raises(ValueError):
-        sample_time(VPSDE(), 3, "uniform")
-    assert check_weighting("likelihood") == "likelihood"
-    assert set(WEIGHTINGS) == {"score_matching", "likelihood", "likelihood_is"}
+        _sample_time(VPSDE(), 3, "uniform")
+    assert _check_weighting("likelihood") == "likelihood"
+    assert set(_WEIGHTINGS) == {"score_matching", "likelihood", "likelihood_is"}
 
 
 @pytest.mark.parametrize("weighting", ["score_matching", "likelihood"])
 def test_uniform_weightings_sample_uniform_times(weighting):
     g1, g2 = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
     sde = SubVPSDE()
-    t = sample_time(sde, 500, weighting, 0.05, generator=g1, dtype=F64)
-    torch.testing.assert_close(t, sde.sample_uniform_time(500, 0.05, generator=g2, dtype=F64))
+    t = _sample_time(sde, 500, weighting, 0.05, generator=g1, dtype=F64)
+    expected = sde.sample_time(500, 0.05, importance_sampling=False, generator=g2, dtype=F64)
+    torch.testing.assert_close(t, expected)
 
 
 def test_likelihood_is_samples_importance_times():
     g1, g2 = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
     sde = VPSDE()
-    t = sample_time(sde, 500, "likelihood_is", generator=g1, dtype=F64)
-    torch.testing.assert_close(t, sde.sample_importance_time(500, generator=g2, dtype=F64))
+    t = _sample_time(sde, 500, "likelihood_is", generator=g1, dtype=F64)
+    torch.testing.assert_close(t, sde.sample_time(500, generator=g2, dtype=F64))
     # the IS times concentrate at small t: median far below the uniform median 0.5
     assert float(t.median()) < 0.2
 

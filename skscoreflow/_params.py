@@ -1,0 +1,151 @@
+"""Parameters of :class:`~skscoreflow.ScoreFlowDensity`: constraints and their resolution.
+
+The constraints use scikit-learn's declarative parameter validation (``Interval``,
+``StrOptions``, ...), checked by ``_fit_context`` when ``fit`` starts; what a declaration cannot
+say (the widths inside ``hidden_layer_sizes``, a device string torch understands) is checked by
+the helpers here, with the same kind of message.
+"""
+
+from __future__ import annotations
+
+from numbers import Integral, Real
+from typing import Any
+
+import torch
+from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import InvalidParameterError, Interval, StrOptions
+
+from .dequantization import _DEQUANTIZATIONS
+from .likelihood import _DIVERGENCES
+from .sampling import _SAMPLERS
+from .sde import SDE
+from .weighting import _WEIGHTINGS
+
+__all__: list[str] = []
+
+#: ODE solvers accepted by ``solver``: adaptive ones use ``rtol``/``atol``; fixed-step ones take
+#: ``_FIXED_STEPS`` uniform steps over the integrated interval.
+_ADAPTIVE_SOLVERS = ("dopri5", "dopri8", "bosh3", "adaptive_heun")
+_FIXED_SOLVERS = ("rk4", "midpoint", "euler")
+_FIXED_STEPS = 100
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+#: ``fourier_features="auto"``: this many frequencies for data with at most
+#: ``_AUTO_FOURIER_MAX_FEATURES`` features, none for wider data.
+_AUTO_FOURIER_FEATURES = 128
+_AUTO_FOURIER_MAX_FEATURES = 2
+
+_positive_int = Interval(Integral, 1, None, closed="left")
+_positive_real = Interval(Real, 0, None, closed="neither")
+_unit_open = Interval(Real, 0, 1, closed="neither")
+
+PARAMETER_CONSTRAINTS: dict[str, list[Any]] = {
+    # An SDE name (checked by get_sde, which also accepts "sub-vp", "VP", ...) or an instance of
+    # any SDE subclass.
+    "sde": [str, SDE],
+    "weighting": [StrOptions(set(_WEIGHTINGS))],
+    "dequantization": [StrOptions({d for d in _DEQUANTIZATIONS if d is not None}), None],
+    "n_dequantization_samples": [_positive_int],
+    "dequantizer_hidden_layer_sizes": ["array-like", _positive_int],
+    "dequantizer_n_couplings": [Interval(Integral, 0, None, closed="left")],
+    "dequantizer_max_iter": [_positive_int],
+    "hidden_layer_sizes": ["array-like", _positive_int],
+    "fourier_features": [Interval(Integral, 0, None, closed="left"), StrOptions({"auto"})],
+    "fourier_scale": [_positive_real],
+    "max_iter": [_positive_int],
+    "batch_size": [_positive_int],
+    "learning_rate": [_positive_real],
+    "ema_decay": [Interval(Real, 0, 1, closed="left")],
+    "eps": [_unit_open, None],
+    "rtol": [_positive_real],
+    "atol": [_positive_real],
+    "solver": [StrOptions(set(_ADAPTIVE_SOLVERS + _FIXED_SOLVERS))],
+    "divergence": [StrOptions(set(_DIVERGENCES))],
+    "early_stopping": ["boolean"],
+    "validation_fraction": [_unit_open],
+    "n_iter_no_change": [_positive_int],
+    "tol": [Interval(Real, 0, None, closed="left")],
+    "warm_start": ["boolean"],
+    "dtype": [StrOptions(set(_DTYPES))],
+    "device": [str, torch.device],
+    "random_state": ["random_state"],
+    "verbose": ["verbose"],
+}
+
+SAMPLE_CONSTRAINTS: dict[str, list[Any]] = {
+    "n_samples": [_positive_int],
+    "random_state": ["random_state"],
+    "method": [StrOptions(set(_SAMPLERS))],
+    "n_steps": [_positive_int],
+    "corrector": ["boolean"],
+}
+
+BOUND_CONSTRAINTS: dict[str, list[Any]] = {
+    "n_time_samples": [_positive_int],
+    "importance_sampling": ["boolean"],
+    "offset": ["boolean"],
+    "random_state": ["random_state"],
+}
+
+
+def layer_sizes(name: str, sizes: Any) -> tuple[int, ...]:
+    """``sizes`` as a non-empty tuple of positive ints (a bare int is one layer)."""
+    if isinstance(sizes, Integral) and not isinstance(sizes, bool):
+        sizes = (sizes,)
+    if len(sizes) == 0 or not all(
+        isinstance(h, Integral) and not isinstance(h, bool) and h > 0 for h in sizes
+    ):
+        raise InvalidParameterError(
+            f"The {name!r} parameter of ScoreFlowDensity must be a non-empty sequence of "
+            f"positive ints. Got {sizes!r} instead."
+        )
+    return tuple(int(h) for h in sizes)
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``device`` with "auto" resolved (CUDA when available); a clear error otherwise."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise InvalidParameterError(
+            f"The 'device' parameter of ScoreFlowDensity must be 'auto' or a torch device such "
+            f"as 'cpu' or 'cuda:0'. Got {device!r} instead."
+        ) from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} was requested but CUDA is not available")
+    return dev
+
+
+def fourier_count(fourier_features: int | str, n_features: int) -> int:
+    """``fourier_features`` with "auto" resolved for ``n_features`` features."""
+    if isinstance(fourier_features, str):
+        return _AUTO_FOURIER_FEATURES if n_features <= _AUTO_FOURIER_MAX_FEATURES else 0
+    return int(fourier_features)
+
+
+def seed_from(random_state: Any) -> int:
+    """A 31-bit seed drawn from ``random_state`` (scikit-learn's ``check_random_state``)."""
+    return int(check_random_state(random_state).randint(0, 2**31 - 1))
+
+
+def solver_kwargs(solver: str, rtol: float, atol: float, span: float) -> dict[str, Any]:
+    """``torchdiffeq.odeint`` options: tolerances, or ``_FIXED_STEPS`` steps over ``span``."""
+    if solver in _FIXED_SOLVERS:
+        return {"method": solver, "options": {"step_size": span / _FIXED_STEPS}}
+    return {"method": solver, "rtol": rtol, "atol": atol}
+
+
+def structure(est: Any) -> dict[str, Any]:
+    """The parameters a warm start cannot change (they shape the network or its inputs)."""
+    sde = est.sde if isinstance(est.sde, str) else repr(est.sde)
+    return {
+        "sde": sde,
+        "eps": est.eps,
+        "hidden_layer_sizes": list(layer_sizes("hidden_layer_sizes", est.hidden_layer_sizes)),
+        "fourier_features": fourier_count(est.fourier_features, est.n_features_in_),
+        "fourier_scale": float(est.fourier_scale),
+        "dequantization": est.dequantization,
+        "dtype": est.dtype,
+        "device": str(est.device),
+    }

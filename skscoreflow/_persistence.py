@@ -1,0 +1,221 @@
+"""Persistence of a fitted :class:`~skscoreflow.ScoreFlowDensity`.
+
+Two formats share one "network blob" (CPU state dicts and JSON configs, never live modules):
+
+* pickle / joblib (``__getstate__`` / ``__setstate__``): the estimator's ``__dict__`` with the
+  modules replaced by the blob, so a model trained on a GPU loads on a CPU-only machine;
+* ``save`` / ``load``: a ``torch.save`` of ``{"meta": JSON text, "network": blob}``, readable
+  with ``torch.load(weights_only=True)``: loading runs no code.  Only what JSON and tensors can
+  hold travels, so a user-defined SDE class needs pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+
+from ._params import structure
+from .dequantization import VariationalDequantizer
+from .nets import ScoreMLP
+from .sde import SDE, get_sde
+from .training import TrainState, _seeded_global_rng
+
+__all__: list[str] = []
+
+FORMAT_VERSION = 1
+#: Fitted array attributes restored from JSON lists by ``load``.
+_ARRAYS = ("mean_", "scale_", "data_min_", "data_max_", "feature_names_in_")
+
+
+def _cpu(obj: Any) -> Any:
+    """Detached CPU copies of every tensor in a nested dict / list / tuple."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().clone()
+    if isinstance(obj, dict):
+        return {k: _cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu(v) for v in obj)
+    return obj
+
+
+def _network_blob(net: torch.nn.Module, train_state: TrainState | None) -> dict[str, Any]:
+    blob: dict[str, Any] = {"config": json.dumps(net.config()), "ema": _cpu(net.state_dict())}
+    if train_state is not None:
+        blob["raw"] = _cpu(train_state.model.state_dict())
+        blob["optimizer"] = _cpu(train_state.optimizer.state_dict())
+        blob["n_iter"] = int(train_state.n_iter)
+        blob["loss_curve"] = [float(v) for v in train_state.loss_curve]
+    return blob
+
+
+def _restore_network(
+    blob: dict[str, Any], sde: SDE, device: torch.device, dtype: torch.dtype, lr: float
+) -> tuple[torch.nn.Module, TrainState | None]:
+    cfg = json.loads(blob["config"])
+    cfg.pop("sde", None)  # the estimator's own SDE object, which may be a user's subclass
+    ema = ScoreMLP(sde=sde, **cfg)
+    ema.load_state_dict(blob["ema"])
+    ema = ema.to(device=device, dtype=dtype).eval()
+    for p in ema.parameters():
+        p.requires_grad_(False)
+    if "raw" not in blob:
+        return ema, None
+    raw = ScoreMLP(sde=sde, **cfg)
+    raw.load_state_dict(blob["raw"])
+    raw = raw.to(device=device, dtype=dtype)
+    optimizer = torch.optim.Adam(raw.parameters(), lr=lr)
+    optimizer.load_state_dict(blob["optimizer"])
+    train_state = TrainState(
+        model=raw,
+        ema_model=ema,
+        optimizer=optimizer,
+        n_iter=int(blob.get("n_iter", 0)),
+        loss_curve=list(blob.get("loss_curve", [])),
+    )
+    return ema, train_state
+
+
+def get_state(est: Any, state: dict[str, Any]) -> dict[str, Any]:
+    """The pickled state: ``state`` (a copy of ``__dict__``) with modules as a CPU blob."""
+    state = dict(state)
+    if "network_" not in state:
+        return state
+    # Store CPU state dicts, never live (possibly CUDA) modules: a model trained on a GPU must
+    # load on a CPU-only machine.
+    state.pop("network_")
+    blob = _network_blob(est.network_, state.pop("_train_state", None))
+    deq = state.pop("dequantizer_", None)
+    if deq is not None:
+        blob["dequantizer"] = {"config": json.dumps(deq.config()), "state": _cpu(deq.state_dict())}
+    state["_network_blob"] = blob
+    state["device_"] = str(est.device_)
+    return state
+
+
+def restore_modules(est: Any, blob: dict[str, Any] | None) -> None:
+    """Rebuild the modules of ``est`` (whose ``__dict__`` is restored) from a network blob.
+
+    Falls back to the CPU, with a warning, for a model trained on a GPU when CUDA is missing.
+    """
+    if blob is None:
+        return
+    device = torch.device(est.device_)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        warnings.warn(
+            f"model was trained on {device} but CUDA is not available; loading on CPU",
+            RuntimeWarning,
+        )
+        device = torch.device("cpu")
+    est.device_ = device
+    if isinstance(est.sde_, dict):  # written by save()
+        sde_cfg = dict(est.sde_)
+        est.sde_ = get_sde(sde_cfg.pop("name"), **sde_cfg)
+    dtype = {"float32": torch.float32, "float64": torch.float64}[est.dtype]
+    # Building the modules draws initial weights (and Fourier frequencies) from the global RNG
+    # before the stored values overwrite them: fork it so loading leaves it untouched.
+    with _seeded_global_rng(0, torch.device("cpu")):
+        est.network_, est._train_state = _restore_network(
+            blob, est.sde_, device, dtype, est.learning_rate
+        )
+        est.dequantizer_ = None
+        if blob.get("dequantizer") is not None:
+            deq = VariationalDequantizer(**json.loads(blob["dequantizer"]["config"]))
+            deq.load_state_dict(blob["dequantizer"]["state"])
+            est.dequantizer_ = deq.to(device=device, dtype=dtype).eval()
+
+
+def _sde_config(sde: SDE) -> dict[str, Any]:
+    """``{"name": ..., **config}`` of a built-in SDE; a ``ValueError`` for any other class."""
+    try:
+        rebuilt = get_sde(sde.name, **sde.config())
+    except (ValueError, TypeError):
+        rebuilt = None
+    if type(rebuilt) is not type(sde):
+        raise ValueError(
+            f"save() stores only the built-in SDEs as data; {type(sde).__name__} is a "
+            "user-defined SDE: persist this estimator with pickle or joblib instead"
+        )
+    return {"name": sde.name, **sde.config()}
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, SDE):
+        return {"__sde__": _sde_config(obj)}
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, np.ndarray)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, torch.device):
+        return str(obj)
+    if isinstance(obj, np.random.RandomState):
+        return None  # a generator's state is not data; the loaded estimator gets None
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return obj
+    return str(obj)
+
+
+def _from_json_param(value: Any) -> Any:
+    if isinstance(value, dict) and "__sde__" in value:
+        cfg = dict(value["__sde__"])
+        return get_sde(cfg.pop("name"), **cfg)
+    # JSON turns tuples into lists: restore them so get_params() round-trips.
+    return tuple(value) if isinstance(value, list) else value
+
+
+def save(est: Any, path: str | os.PathLike) -> None:
+    """Write ``est`` (fitted) to ``path`` as tensors and JSON text (see the module docstring)."""
+    state = get_state(est, est.__dict__)
+    blob = state.pop("_network_blob")
+    state["sde_"] = _sde_config(est.sde_)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "class": type(est).__name__,
+        "params": _jsonable(est.get_params()),
+        "fitted": _jsonable({k: v for k, v in state.items() if k.endswith("_")}),
+    }
+    torch.save({"meta": json.dumps(meta), "network": blob}, path)
+
+
+def load(cls: type, path: str | os.PathLike) -> Any:
+    """Read a file written by :func:`save` with ``weights_only`` loading."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as exc:  # not a torch file, or one holding more than tensors
+        raise ValueError(
+            f"{path!s} is not a skscoreflow model file (torch.load failed: {type(exc).__name__})"
+        ) from exc
+    if not isinstance(data, dict) or "meta" not in data or "network" not in data:
+        raise ValueError(f"{path!s} is not a skscoreflow model file")
+    try:
+        meta = json.loads(data["meta"])
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path!s} is not a skscoreflow model file (bad metadata)") from exc
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path!s} is not a skscoreflow model file (bad metadata)")
+    if meta.get("class") != cls.__name__:
+        raise ValueError(f"{path!s} holds a {meta.get('class')!r}, not a {cls.__name__}")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(
+            f"{path!s} was written by a newer skscoreflow (format {meta['format_version']}); "
+            "upgrade to load it"
+        )
+    params = {k: _from_json_param(v) for k, v in meta["params"].items()}
+    est = cls(**params)
+    state = dict(meta["fitted"])
+    for key in _ARRAYS:
+        if state.get(key) is not None:
+            dtype = object if key == "feature_names_in_" else np.float64
+            state[key] = np.asarray(state[key], dtype=dtype)
+    state["_network_blob"] = data["network"]
+    est.__setstate__(state)
+    est._fitted_structure = structure(est)
+    return est
