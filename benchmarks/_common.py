@@ -87,7 +87,6 @@ def fit_kde(X: np.ndarray, seed: int = 0):
     """
     from sklearn.model_selection import GridSearchCV, KFold
     from sklearn.neighbors import KernelDensity
-    from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
     scaler = StandardScaler().fit(X)

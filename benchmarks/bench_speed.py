@@ -66,17 +66,17 @@ def scipy_reference_loglik(est: Any, X: np.ndarray, rtol: float, atol: float) ->
     The divergence is the paper's ``div_fn`` (``likelihood.py``: the gradient of
     ``sum(fn(x, t) * v)`` dotted with ``v``) summed over the ``d`` basis probes, i.e. ``d``
     stacked copies of the batch, each paying a forward and a backward pass: skscoreflow's
-    fallback path ``_divergence_stacked`` (ours shares one forward pass, see ``divergence``).
+    fallback path ``_divergence_stacked`` (ours shares one forward pass, see ``_divergence``).
     """
     import torch
     from scipy import integrate
 
-    from skscoreflow.likelihood import _divergence_stacked, make_probes
+    from skscoreflow.likelihood import _divergence_stacked, _make_probes
 
     net, sde, eps, device = est.network_, est.sde_, est.eps_, est.device_
-    Z = est._standardize(X)
+    Z = est._standardizer.transform(X)
     n, d = Z.shape
-    probes = make_probes(n, d, "exact", device=device)
+    probes = _make_probes(n, d, "exact", device=device)
     nfe = 0
 
     def drift(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -94,7 +94,7 @@ def scipy_reference_loglik(est: Any, X: np.ndarray, rtol: float, atol: float) ->
     sol = integrate.solve_ivp(ode_func, (eps, sde.T), init, rtol=rtol, atol=atol, method="RK45")
     zT = torch.as_tensor(sol.y[: n * d, -1].reshape(n, d))
     delta = sol.y[n * d :, -1]
-    return sde.prior_log_prob(zT).numpy() + delta + est._log_det, nfe
+    return sde.prior_log_prob(zT).numpy() + delta + est._standardizer.log_det, nfe
 
 
 def part_reference(rows: list, quick: bool, device: str) -> None:
@@ -113,7 +113,7 @@ def part_reference(rows: list, quick: bool, device: str) -> None:
         ref_t.append(t2)
     ref_ll, ref_nfe = ref
     _, info = ode_log_likelihood(
-        est.network_, est._to_tensor(est._standardize(Xt)), est.sde_, eps=est.eps_, return_info=True
+        est.network_, est._to_tensor(est._standardizer.transform(Xt)), est.sde_, eps=est.eps_, return_info=True
     )
     t_ours, t_ref = float(np.median(ours_t)), float(np.median(ref_t))
     common = {"part": "likelihood vs SciPy RK45", "n_rows": len(Xt), "d": 2, "load_1min": load_average()}
@@ -228,7 +228,7 @@ def hand_loop(X: np.ndarray, steps: int, batch_size: int, seed: int = 0, device:
     t0 = time.perf_counter()
     for _ in range(steps):
         x0 = Z[torch.randint(len(Z), (batch_size,), device=device)]
-        t = sde.sample_importance_time(batch_size, eps, device=device).float()
+        t = sde.sample_time(batch_size, eps, device=device).float()
         z = torch.randn_like(x0)
         xt = sde.mean_coeff(t)[:, None] * x0 + sde.std(t)[:, None] * z
         loss = (net.noise(xt, t) - z).pow(2).mean()

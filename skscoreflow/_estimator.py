@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import math
 import os
 import warnings
 from typing import Any, Callable
@@ -12,19 +11,17 @@ import numpy as np
 import torch
 from sklearn.base import BaseEstimator, DensityMixin, _fit_context
 from sklearn.exceptions import ConvergenceWarning
-from sklearn.utils._param_validation import validate_parameter_constraints
 from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import Tensor
 
 from . import _params, _persistence
 from ._preprocessing import Standardizer
-from .bound import likelihood_bound, nll_bound_estimate
+from .bound import _mean_bound_fn, likelihood_bound
 from .dequantization import (
-    VariationalDequantizer,
     _check_integer_valued,
+    _fit_to_score_model,
     _uniform_dequantize,
     dequantized_log_prob,
-    train_dequantizer,
 )
 from .likelihood import _EXACT_MAX_DIM, _resolve_divergence, ode_log_likelihood
 from .metrics import bits_per_dim
@@ -53,13 +50,12 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
         Forward diffusion: a built-in name or an instance of any
         :class:`~skscoreflow.sde.SDE` subclass.
     weighting : {"likelihood_is", "likelihood", "score_matching"}, default="likelihood_is"
-        Loss weighting: likelihood weighting with importance-sampled times (the paper's
-        choice), likelihood weighting with uniform times, or the original ``sigma^2`` weighting.
+        Likelihood weighting with importance-sampled times (the paper's choice) or uniform
+        times, or the original ``sigma^2`` weighting.
     dequantization : {None, "uniform", "variational"}, default=None
-        For integer-valued data: model ``x + u`` with ``u`` uniform on ``[0, 1)^d`` or drawn
-        from a learned conditional flow ``q(u | x)`` (trained after the score model, which is
-        then frozen).  ``score_samples`` and ``bound`` then return lower bounds on
-        ``log P(X = x)`` and ``sample`` returns integers.
+        For integer-valued data: model ``x + u``, ``u`` uniform on ``[0, 1)^d`` or from a
+        conditional flow ``q(u | x)`` trained after the score model.  ``score_samples`` and
+        ``bound`` then bound ``log P(X = x)`` and ``sample`` returns integers.
     n_dequantization_samples : int, default=1
         Dequantization draws ``K`` per row at evaluation (see ``score_samples`` and ``bound``).
     dequantizer_hidden_layer_sizes : tuple of int, default=(64, 64)
@@ -71,16 +67,13 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
     hidden_layer_sizes : tuple of int, default=(128, 128, 128)
         Widths of the residual blocks of the score network.
     fourier_features : int or "auto", default="auto"
-        Random Fourier frequencies of the standardised input fed to the score network beside
-        the coordinates, damped by the noise level; 0 feeds the coordinates alone.  "auto" uses
-        128 for data with at most 2 features (where a plain MLP learns sharp densities slowly)
-        and 0 above.  The resolved count is ``fourier_features_``.
+        Random Fourier frequencies of the input fed to the score network, damped by the noise
+        level; 0 for none.  "auto": 128 for at most 2 features, else 0 (``fourier_features_``).
     fourier_scale : float, default=0.35
-        Standard deviation (in cycles) of the projection of a standard-normal row onto each
-        frequency, in any dimension; lower is smoother.
+        Std (in cycles) of a standard-normal row's projection on a frequency; lower is smoother.
     max_iter : int, default=10000
-        Optimizer steps: the training budget, which dominates the likelihood.  On small data
-        combine it with ``early_stopping=True``.
+        Optimizer steps, the budget that dominates the likelihood (small data: add
+        ``early_stopping=True``).
     batch_size : int, default=1024
         Rows per optimizer step (capped at the number of training rows).
     learning_rate : float, default=2e-3
@@ -94,14 +87,13 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
     rtol, atol : float, default=1e-5
         Tolerances of the adaptive ODE solver used by ``score_samples`` and ``sample``.
     solver : str, default="dopri5"
-        ODE solver: adaptive "dopri5", "dopri8", "bosh3", "adaptive_heun", or fixed-step
-        "rk4", "midpoint", "euler" (100 uniform steps).
+        Adaptive "dopri5", "dopri8", "bosh3", "adaptive_heun" or fixed-step (100 steps) "rk4",
+        "midpoint", "euler".
     divergence : {"auto", "exact", "hutchinson"}, default="auto"
-        Divergence estimator of the ODE likelihood; "auto" is exact up to 16 features and
-        always for dequantized models.
+        ODE divergence; "auto" is exact up to 16 features and for dequantized models.
     early_stopping : bool, default=False
-        Hold out ``validation_fraction`` of the rows, track the likelihood bound on them, stop
-        when it stops improving and restore the best weights.
+        Track the likelihood bound on ``validation_fraction`` of the rows, stop when it stops
+        improving and restore the best weights.
     validation_fraction : float, default=0.1
         Fraction of rows held out when ``early_stopping``.
     n_iter_no_change : int, default=10
@@ -110,21 +102,17 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
     tol : float, default=1e-4
         Minimum improvement of the validation score (nats per row).
     warm_start : bool, default=False
-        Continue training the fitted network and its optimizer on the next ``fit``; the
-        learning-rate schedule restarts over the new ``max_iter``, the standardisation is kept
-        and a variational dequantizer is retrained.  ``sde``, ``eps``, ``hidden_layer_sizes``,
-        ``fourier_features``, ``fourier_scale``, ``dequantization``, ``dtype`` and ``device``
-        cannot change under a warm start.
+        Continue training the network and its optimizer on the next ``fit`` (the schedule
+        restarts, the standardisation is kept, a variational dequantizer is retrained).  The
+        parameters that shape the network or its inputs cannot change.
     dtype : {"float32", "float64"}, default="float32"
         Precision of training and evaluation.
     device : str, default="auto"
         "auto" (CUDA when available), "cpu", "cuda" or "cuda:k".
     random_state : int, RandomState instance or None, default=None
-        Seeds network initialisation, mini-batches, diffusion noise and the validation split;
-        an int makes ``fit``, ``score_samples`` and ``sample`` reproducible on CPU.
+        Seeds all randomness of ``fit``; an int makes it reproducible on CPU.
     verbose : int, default=0
-        ``> 0`` shows a progress bar (tqdm, when installed) and logs to the "skscoreflow"
-        logger.
+        ``> 0``: a progress bar (tqdm, when installed) and logs to the "skscoreflow" logger.
 
     Attributes
     ----------
@@ -284,21 +272,21 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
             The fitted estimator.
         """
         sizes = _params.layer_sizes("hidden_layer_sizes", self.hidden_layer_sizes)
-        _params.layer_sizes("dequantizer_hidden_layer_sizes", self.dequantizer_hidden_layer_sizes)
+        deq_sizes = _params.layer_sizes(
+            "dequantizer_hidden_layer_sizes", self.dequantizer_hidden_layer_sizes
+        )
         warm = self.warm_start and hasattr(self, "network_")
         X = validate_data(
             self, X, dtype=[np.float64, np.float32], ensure_min_samples=2, reset=not warm
         )
         seed = _params.seed_from(self.random_state)
         if warm:
-            self._check_warm_start_compatible()
+            _params.check_warm_start(self)
         if self.dequantization is not None:
             _check_integer_valued(X, getattr(self, "feature_names_in_", None))
-        if not warm:
+        if not warm:  # what the first fit derives from the parameters and the data
             self.device_ = _params.resolve_device(self.device)
-            # A copy: the SDE caches derived constants on itself, and nothing the user passed
-            # is modified.
-            self.sde_ = copy.deepcopy(get_sde(self.sde))
+            self.sde_ = copy.deepcopy(get_sde(self.sde))  # never modify what the user passed
             eps = self.eps
             if eps is None and self.dequantization is None:
                 eps = self.sde_.continuous_eps
@@ -306,9 +294,10 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
             self.fourier_features_ = _params.fourier_count(self.fourier_features, X.shape[1])
             st = Standardizer.fit(X, dequantized=self.dequantization is not None)
             self.mean_, self.scale_ = st.mean, st.scale
-            self.data_min_ = X.min(axis=0).astype(np.float64) if self.dequantization else None
-            self.data_max_ = X.max(axis=0).astype(np.float64) if self.dequantization else None
-        train_idx, val_idx = self._split(X.shape[0], np.random.default_rng(seed))
+            deq = self.dequantization is not None
+            self.data_min_ = X.min(axis=0).astype(np.float64) if deq else None
+            self.data_max_ = X.max(axis=0).astype(np.float64) if deq else None
+        train_idx, val_idx = _params.split(self, X.shape[0], np.random.default_rng(seed))
 
         st = self._standardizer
         batch_transform = None
@@ -328,35 +317,15 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
             # Module initialisation draws from the global RNG: fork it so the user's state is
             # untouched, and seed it so the initialisation is reproducible.
             with _seeded_global_rng(seed, self.device_):
-                net = ScoreMLP(
-                    self.n_features_in_,
-                    self.sde_,
-                    sizes,
-                    fourier_features=self.fourier_features_,
-                    fourier_scale=float(self.fourier_scale),
-                )
+                net = ScoreMLP(self.n_features_in_, self.sde_, sizes, fourier_scale=float(
+                    self.fourier_scale), fourier_features=self.fourier_features_)
             net, state_in = net.to(device=self.device_, dtype=self._torch_dtype), None
 
+        validation_fn = None if val_idx is None else self._validation_fn(X[val_idx], seed)
         state = train_score_model(
-            net,
-            X_train,
-            self.sde_,
-            weighting=self.weighting,
-            eps=self.eps_,
-            max_iter=int(self.max_iter),
-            batch_size=int(self.batch_size),
-            learning_rate=float(self.learning_rate),
-            warmup=min(200, max(1, int(self.max_iter) // 10)),
-            ema_decay=float(self.ema_decay),
-            generator=self._generator(seed),
-            batch_transform=batch_transform,
-            validation_fn=None if val_idx is None else self._validation_fn(X[val_idx], seed),
-            validation_interval=max(50, int(self.max_iter) // 50),
-            early_stopping=bool(self.early_stopping),
-            n_iter_no_change=int(self.n_iter_no_change),
-            tol=float(self.tol),
-            state=state_in,
-            verbose=int(self.verbose),
+            net, X_train, self.sde_, eps=self.eps_, generator=self._generator(seed),
+            batch_transform=batch_transform, validation_fn=validation_fn, state=state_in,
+            **_params.training_kwargs(self),
         )
         if self.early_stopping and not state.stopped_early:
             warnings.warn(
@@ -374,21 +343,13 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
         self.fit_time_ = state.fit_time
         self.dequantizer_ = self.dequantizer_loss_curve_ = None
         if self.dequantization == "variational":
-            self._fit_dequantizer(X[train_idx], seed)
-        return self
-
-    def _split(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:
-        """Training and validation row indices (no validation rows without early stopping)."""
-        if not self.early_stopping:
-            return np.arange(n), None
-        n_val = int(math.ceil(self.validation_fraction * n))
-        if n_val < 1 or n - n_val < 1:
-            raise ValueError(
-                f"validation_fraction={self.validation_fraction} leaves no training or no "
-                f"validation rows for {n} samples"
+            deq = _fit_to_score_model(
+                self.network_, self.sde_, self.eps_, st.transform, self._to_tensor(X[train_idx]),
+                hidden_layer_sizes=deq_sizes, n_couplings=int(self.dequantizer_n_couplings),
+                max_iter=int(self.dequantizer_max_iter), seed=seed + 3, verbose=int(self.verbose),
             )
-        perm = rng.permutation(n)
-        return perm[n_val:], perm[:n_val]
+            self.dequantizer_, self.dequantizer_loss_curve_ = deq.ema_model, list(deq.loss_curve)
+        return self
 
     def _validation_fn(self, X_val: np.ndarray, seed: int) -> Callable[[torch.nn.Module], float]:
         """Mean likelihood bound (in X's units) on up to 2,000 validation rows."""
@@ -397,56 +358,7 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
             X_val = X_val + np.random.default_rng(seed + 2).random(X_val.shape)
         st = self._standardizer
         V = self._to_tensor(st.transform(X_val))
-
-        def fn(net: torch.nn.Module) -> float:
-            with torch.no_grad():
-                lb = likelihood_bound(
-                    net, V, self.sde_, eps=self.eps_, n_time_samples=64,
-                    generator=self._generator(seed + 1),
-                )
-            return float(lb.double().mean()) + st.log_det
-
-        return fn
-
-    def _check_warm_start_compatible(self) -> None:
-        """Parameters fixed by the first fit cannot change under ``warm_start``."""
-        fitted = getattr(self, "_fitted_structure", None)
-        now = _params.structure(self)
-        changed = [k for k in now if fitted is not None and fitted.get(k) != now[k]]
-        if changed:
-            raise ValueError(
-                f"warm_start=True cannot change {changed} after the first fit (fitted with "
-                f"{ {k: fitted.get(k) for k in changed} }); refit with warm_start=False"
-            )
-
-    def _fit_dequantizer(self, X_train: np.ndarray, seed: int) -> None:
-        """Train ``q(u | x)`` with the (EMA) score network frozen (ScoreFlow's schedule)."""
-        with _seeded_global_rng(seed + 3, self.device_):
-            deq = VariationalDequantizer(
-                self.n_features_in_,
-                _params.layer_sizes("dequantizer_hidden_layer_sizes", self.dequantizer_hidden_layer_sizes),
-                int(self.dequantizer_n_couplings),
-            )
-        deq = deq.to(device=self.device_, dtype=self._torch_dtype)
-        net, sde, eps, st = self.network_, self.sde_, self.eps_, self._standardizer
-        for p in net.parameters():
-            p.requires_grad_(False)
-
-        def nll_fn(x: Tensor, u: Tensor, g: torch.Generator) -> Tensor:
-            # Bound on -log p(x + u) in standardised units; the log-det is a constant.
-            return nll_bound_estimate(net, st.transform(x + u), sde, eps=eps, generator=g)
-
-        state = train_dequantizer(
-            deq,
-            self._to_tensor(X_train),
-            nll_fn,
-            condition=st.transform,
-            max_iter=int(self.dequantizer_max_iter),
-            generator=self._generator(seed + 4),
-            verbose=int(self.verbose),
-        )
-        self.dequantizer_ = state.ema_model
-        self.dequantizer_loss_curve_ = list(state.loss_curve)
+        return _mean_bound_fn(V, self.sde_, self.eps_, seed + 1, st.log_det)
 
     # ------------------------------------------------------------------ evaluation
     def _check_X(self, X: Any) -> np.ndarray:
@@ -466,12 +378,8 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
             ll = log_density(self._to_tensor(st.transform(X)))
         else:
             ll = dequantized_log_prob(
-                log_density,
-                self._to_tensor(X),
-                n_samples=int(self.n_dequantization_samples),
-                dequantizer=self.dequantizer_,
-                transform=st.transform,
-                importance_weighted=exact,
+                log_density, self._to_tensor(X), n_samples=int(self.n_dequantization_samples),
+                dequantizer=self.dequantizer_, transform=st.transform, importance_weighted=exact,
                 generator=self._generator(seed),
             )
         return ll.detach().cpu().numpy().astype(np.float64) + st.log_det
@@ -540,13 +448,11 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
     ) -> np.ndarray:
         """Lower bound on the SDE model's log-likelihood of each row (Theorem 3).
 
-        A Monte-Carlo estimate over ``n_time_samples`` diffusion times per row: unbiased for
-        the bound, so its expectation (not every draw) lies below ``log p_SDE(x)``.  For a
-        dequantized model, the mean over ``n_dequantization_samples`` draws ``u ~ q(u | x)`` of
-        ``bound(x + u) - log q(u | x)``: an unbiased estimate of a lower bound on
-        ``log P(X = x)`` (the dequantization ELBO).  Unlike ``score_samples`` it is never
-        importance-weighted: a log-mean-exp of noisy estimates is biased upwards and can exceed
-        ``log P(x)``; more draws only reduce its variance.
+        An unbiased Monte-Carlo estimate of the bound: its expectation, not every draw, lies
+        below ``log p_SDE(x)``.  For a dequantized model, the mean over the
+        ``n_dequantization_samples`` draws ``u ~ q(u | x)`` of ``bound(x + u) - log q(u | x)``
+        (the dequantization ELBO): never importance-weighted, since a log-mean-exp of noisy
+        estimates is biased upwards and can exceed ``log P(x)``.
 
         Parameters
         ----------
@@ -566,12 +472,7 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
         ndarray of shape (n_samples,)
             In nats, in the units of ``X``.
         """
-        validate_parameter_constraints(
-            _params.BOUND_CONSTRAINTS,
-            {"n_time_samples": n_time_samples, "importance_sampling": importance_sampling,
-             "offset": offset, "random_state": random_state},
-            "ScoreFlowDensity.bound",
-        )
+        _params.validate(_params.BOUND_CONSTRAINTS, locals(), "ScoreFlowDensity.bound")
         X = self._check_X(X)
         seed = _params.seed_from(random_state)
         g = self._generator(seed)
@@ -639,12 +540,7 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
             for dequantized models.
         """
         check_is_fitted(self, "network_")
-        validate_parameter_constraints(
-            _params.SAMPLE_CONSTRAINTS,
-            {"n_samples": n_samples, "random_state": random_state, "method": method,
-             "n_steps": n_steps, "corrector": corrector},
-            "ScoreFlowDensity.sample",
-        )
+        _params.validate(_params.SAMPLE_CONSTRAINTS, locals(), "ScoreFlowDensity.sample")
         eps = max(self.sde_.sampling_eps, self.eps_)
         kwargs: dict[str, Any] = {
             "generator": self._generator(_params.seed_from(random_state)),

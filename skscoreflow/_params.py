@@ -8,12 +8,19 @@ the helpers here, with the same kind of message.
 
 from __future__ import annotations
 
+import math
 from numbers import Integral, Real
 from typing import Any
 
+import numpy as np
 import torch
 from sklearn.utils import check_random_state
-from sklearn.utils._param_validation import InvalidParameterError, Interval, StrOptions
+from sklearn.utils._param_validation import (
+    InvalidParameterError,
+    Interval,
+    StrOptions,
+    validate_parameter_constraints,
+)
 
 from .dequantization import _DEQUANTIZATIONS
 from .likelihood import _DIVERGENCES
@@ -149,3 +156,52 @@ def structure(est: Any) -> dict[str, Any]:
         "dtype": est.dtype,
         "device": str(est.device),
     }
+
+
+def validate(constraints: dict[str, list[Any]], params: dict[str, Any], caller: str) -> None:
+    """Check the arguments of a method against ``constraints`` (scikit-learn's messages)."""
+    validate_parameter_constraints(constraints, {k: params[k] for k in constraints}, caller)
+
+
+def training_kwargs(est: Any) -> dict[str, Any]:
+    """The keyword arguments of ``train_score_model`` that follow from the parameters."""
+    max_iter = int(est.max_iter)
+    return {
+        "weighting": est.weighting,
+        "max_iter": max_iter,
+        "batch_size": int(est.batch_size),
+        "learning_rate": float(est.learning_rate),
+        "warmup": min(200, max(1, max_iter // 10)),
+        "ema_decay": float(est.ema_decay),
+        "validation_interval": max(50, max_iter // 50),
+        "early_stopping": bool(est.early_stopping),
+        "n_iter_no_change": int(est.n_iter_no_change),
+        "tol": float(est.tol),
+        "verbose": int(est.verbose),
+    }
+
+
+def split(est: Any, n: int, rng: Any) -> tuple[Any, Any]:
+    """Training and validation row indices (no validation rows without early stopping)."""
+    if not est.early_stopping:
+        return np.arange(n), None
+    n_val = int(math.ceil(est.validation_fraction * n))
+    if n_val < 1 or n - n_val < 1:
+        raise ValueError(
+            f"validation_fraction={est.validation_fraction} leaves no training or no "
+            f"validation rows for {n} samples"
+        )
+    perm = rng.permutation(n)
+    return perm[n_val:], perm[:n_val]
+
+
+def check_warm_start(est: Any) -> None:
+    """Parameters fixed by the first fit (:func:`structure`) cannot change under a warm start."""
+    fitted = getattr(est, "_fitted_structure", None)
+    now = structure(est)
+    changed = [k for k in now if fitted is not None and fitted.get(k) != now[k]]
+    if changed:
+        raise ValueError(
+            f"warm_start=True cannot change {changed} after the first fit (fitted with "
+            f"{ {k: fitted.get(k) for k in changed} }); refit with warm_start=False"
+        )

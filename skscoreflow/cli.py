@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["main", "load_data"]
+__all__ = ["main"]
 
 EXIT_USAGE = 2
 EXIT_DATA = 3
@@ -35,7 +35,7 @@ class CLIError(Exception):
         self.code = code
 
 
-def load_data(spec: str, n_samples: int = 10_000, random_state: int = 0) -> tuple[np.ndarray, list[str] | None]:
+def _load_data(spec: str, n_samples: int = 10_000, random_state: int = 0) -> tuple[np.ndarray, list[str] | None]:
     """Read a CSV (with header) or ``.npy`` file, or draw a built-in dataset by name.
 
     Parameters
@@ -62,7 +62,7 @@ def load_data(spec: str, n_samples: int = 10_000, random_state: int = 0) -> tupl
 
     Examples
     --------
-    >>> X, columns = load_data("moons", n_samples=100)
+    >>> X, columns = _load_data("moons", n_samples=100)
     >>> X.shape, columns
     ((100, 2), None)
     """
@@ -190,7 +190,7 @@ def _load_model(path: str) -> Any:
 def cmd_fit(args: argparse.Namespace) -> int:
     from ._estimator import ScoreFlowDensity
 
-    X, columns = load_data(args.data, args.n_samples, args.data_seed)
+    X, columns = _load_data(args.data, args.n_samples, args.data_seed)
     try:
         est = ScoreFlowDensity(**_collect_params(args))
         if columns is not None:
@@ -215,7 +215,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 def cmd_score(args: argparse.Namespace) -> int:
     est = _load_model(args.model)
-    X, columns = load_data(args.data, args.n_samples, args.data_seed)
+    X, columns = _load_data(args.data, args.n_samples, args.data_seed)
     if columns is not None and getattr(est, "feature_names_in_", None) is not None:
         import pandas as pd
 

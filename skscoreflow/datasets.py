@@ -197,8 +197,9 @@ def true_log_density(name: str, X: np.ndarray, n_nodes: int = 1024) -> np.ndarra
     """True log-density (nats) of a built-in dataset at the rows of ``X``.
 
     Exact for "checkerboard" and "8gaussians"; for the curve-plus-noise sets the integral over
-    the curve parameter uses the midpoint rule with ``n_nodes`` nodes (at the default, about
-    1e-6 nats on average over a data set, at most ~6e-4 nats at single points of "2spirals").  Not available for "pinwheel" (its density has no closed form).
+    the curve parameter uses the midpoint rule with ``n_nodes`` nodes (at the default, errors of
+    order 1e-6 nats on average and below 1e-3 nats at single points).  Not available for
+    "pinwheel" (its density has no closed form).
 
     Parameters
     ----------

@@ -35,7 +35,9 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .training import TrainState, _optimize
+from .bound import nll_bound_estimate
+from .sde import SDE
+from .training import TrainState, _optimize, _seeded_global_rng
 
 __all__ = ["VariationalDequantizer", "train_dequantizer", "dequantized_log_prob"]
 
@@ -412,3 +414,45 @@ def dequantized_log_prob(
     if importance_weighted:
         return torch.logsumexp(stacked, 0) - math.log(stacked.shape[0])
     return stacked.mean(0)
+
+
+def _fit_to_score_model(
+    score_fn: Callable[[Tensor, Tensor], Tensor],
+    sde: SDE,
+    eps: float,
+    transform: Callable[[Tensor], Tensor],
+    X: Tensor,
+    *,
+    hidden_layer_sizes: Sequence[int],
+    n_couplings: int,
+    max_iter: int,
+    seed: int,
+    verbose: int = 0,
+) -> TrainState:
+    """Build and train ``q(u | x)`` for integer rows ``X`` against a frozen score model.
+
+    ScoreFlow's sequential schedule: the score model (in the units ``transform`` maps to) is
+    trained first and stays fixed; the flow minimises ``E_q[L(x + u) + log q(u | x)]`` with
+    ``L`` the one-sample bound of :func:`~skscoreflow.bound.nll_bound_estimate`.  ``seed``
+    seeds the flow's initialisation and its training; the caller's global RNG is untouched.
+    """
+    with _seeded_global_rng(seed, X.device):
+        deq = VariationalDequantizer(X.shape[1], hidden_layer_sizes, n_couplings)
+    deq = deq.to(device=X.device, dtype=X.dtype)
+    if isinstance(score_fn, nn.Module):
+        for p in score_fn.parameters():
+            p.requires_grad_(False)
+
+    def nll_fn(x: Tensor, u: Tensor, g: torch.Generator) -> Tensor:
+        # Bound on -log p(x + u) in the model's units; the transform's log-det is a constant.
+        return nll_bound_estimate(score_fn, transform(x + u), sde, eps=eps, generator=g)
+
+    return train_dequantizer(
+        deq,
+        X,
+        nll_fn,
+        condition=transform,
+        max_iter=max_iter,
+        generator=torch.Generator(device=X.device).manual_seed(seed + 1),
+        verbose=verbose,
+    )

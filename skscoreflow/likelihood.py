@@ -133,13 +133,13 @@ def _make_probes(
 
 
 def _vectorise_probes(device: torch.device) -> bool:
-    """Whether :func:`divergence` vectorises the backward pass over the probes on ``device``.
+    """Whether :func:`_divergence` vectorises the backward pass over the probes on ``device``.
 
-    On the CPU it does: it halves the work of stacked copies (d = 2: 1.4x faster, d = 16 and
-    64: 2.1x).  On a GPU the k stacked copies form one wide batch that the device runs in
-    parallel, while the vectorised backward grew with k: whole exact solves of 500 rows on an
-    NVIDIA H200 took 0.40 / 0.41 / 0.83 s stacked against 0.73 / 1.02 / 3.19 s vectorised at
-    d = 16 / 32 / 64 (``docs/benchmarks/speed_gpu.md``).
+    On the CPU it does: one shared forward pass and one backward pass vectorised over the k
+    probes, about half the work of pushing k stacked copies through both passes.  On a GPU the
+    k stacked copies form one wide batch that the device runs in parallel, while the cost of
+    the vectorised backward grows with k, so GPUs keep the stacked copies (measurements:
+    ``docs/user_guide/gpu.rst`` and ``docs/benchmarks/speed_gpu.md``).
     """
     return device.type == "cpu"
 
@@ -207,9 +207,8 @@ def _divergence(
             (vjp,) = torch.autograd.grad(out, xr, probes[0], create_graph=create_graph)
             vjp = vjp.unsqueeze(0)
         else:
-            # One forward pass and one backward pass vectorised over the k probes: half the
-            # work of pushing k stacked copies of the batch through both passes (measured
-            # 1.4x faster for d = 2, 2.1x for d = 16 and 64 with the exact divergence).
+            # One forward pass and one backward pass vectorised over the k probes: about half
+            # the work of pushing k stacked copies of the batch through both passes.
             try:
                 (vjp,) = torch.autograd.grad(
                     out, xr, probes, create_graph=create_graph, is_grads_batched=True

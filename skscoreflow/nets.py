@@ -6,10 +6,10 @@ features of ``log sigma(t)``.  It predicts the noise ``eps_hat(x_t, t)`` and ret
 ScoreFlow), so the likelihood-weighted loss with importance sampling is the plain noise MSE.
 
 The network is preconditioned so that an untrained (zero-initialised output) model is already
-a sensible density: the residual is added to the noise of a standard normal data
-distribution, ``eps_gauss = sigma x_t / (alpha^2 + sigma^2)``, which is the exact answer when
-the (standardised) data are ``N(0, I)``.  Training therefore learns the departure from a
-Gaussian, and the probability-flow ODE of the untrained model is well behaved.
+a sensible density: the residual is added to the SDE's Gaussian reference
+(:meth:`~skscoreflow.sde.SDE.reference_noise`, the exact noise prediction when the standardised
+data are ``N(0, I)``).  Training therefore learns the departure from a Gaussian, and the
+probability-flow ODE of the untrained model is well behaved.
 
 Examples
 --------
@@ -81,15 +81,16 @@ class _FourierFeatures(nn.Module):
     """Fixed random Fourier features ``[x, sin(2 pi B^T x), cos(2 pi B^T x)]`` of the input.
 
     A plain MLP on low-dimensional coordinates learns high-frequency structure slowly (spectral
-    bias; Tancik et al., 2020): several narrow concentric rings took the score MLP 10,000 steps
-    to reach 0.29 nats from the truth.  Random sinusoids of the (unit-variance) input give the
+    bias; Tancik et al., 2020), so narrow, oscillating densities such as concentric rings need
+    very long training (measurements: the user guide's ``fourier_features`` notes).  Random
+    sinusoids of the (unit-variance) input give the
     first layer those frequencies directly.  ``B`` has i.i.d. ``N(0, scale^2 / d)`` entries, so
     ``B^T x`` has standard deviation ``scale`` for standard-normal ``x`` in any dimension.
 
     :class:`ScoreMLP` passes the noise level: each sinusoid is multiplied by its expected
     attenuation under the diffusion noise, ``exp(-2 pi^2 |b|^2 sigma^2 / (alpha^2 + sigma^2))``,
-    so a frequency fades out at the noise levels that have washed it out of the data.  On rings
-    (10,000 rows, 3,000 steps) that took the gap to the truth from 0.082 to 0.057 nats.
+    so a frequency fades out at the noise levels that have washed it out of the data (undamped,
+    the network fits that noise).
 
     Parameters
     ----------

@@ -122,7 +122,6 @@ class TestNoiseLevelEmbedding:
         emb = _NoiseLevelEmbedding(12)
         out = emb(torch.linspace(-12, 4, 9))
         assert out.shape == (9, 12)
-        assert out.abs().max() <= 1
         # sin^2 + cos^2 = 1 per frequency
         torch.testing.assert_close(out[:, :6] ** 2 + out[:, 6:] ** 2, torch.ones(9, 6))
 

@@ -155,7 +155,6 @@ def test_sde_sampler_runs_from_prior_scale_to_data_scale():
                    generator=torch.Generator().manual_seed(0), dtype=F64)
     assert float(x1.std()) > 10
     assert float(x.std()) == pytest.approx(0.1, rel=0.1)
-    assert math.isfinite(float(x.mean()))
 
 
 @pytest.mark.parametrize("n_steps", [5, 12, 1000])

@@ -67,7 +67,6 @@ def test_determinism_dependent_checks_are_generated():
         "check_dict_unchanged",
     ):
         assert required in names, required
-    assert _expected_failed_checks(_fast_estimator()) == {}
 
 
 @pytest.mark.parametrize("estimator", [ScoreFlowDensity(), _fast_estimator()])
