@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._params import structure
+from ._params import _DTYPES, structure
 from .dequantization import VariationalDequantizer
 from .nets import ScoreMLP
 from .sde import SDE, get_sde
@@ -56,16 +56,16 @@ def _network_blob(net: torch.nn.Module, train_state: TrainState | None) -> dict[
 def _restore_network(
     blob: dict[str, Any], sde: SDE, device: torch.device, dtype: torch.dtype, lr: float
 ) -> tuple[torch.nn.Module, TrainState | None]:
+    # The estimator's own SDE object, which may be a user's subclass.
     cfg = json.loads(blob["config"])
-    cfg.pop("sde", None)  # the estimator's own SDE object, which may be a user's subclass
-    ema = ScoreMLP(sde=sde, **cfg)
+    ema = ScoreMLP.from_config(cfg, sde=sde)
     ema.load_state_dict(blob["ema"])
     ema = ema.to(device=device, dtype=dtype).eval()
     for p in ema.parameters():
         p.requires_grad_(False)
     if "raw" not in blob:
         return ema, None
-    raw = ScoreMLP(sde=sde, **cfg)
+    raw = ScoreMLP.from_config(cfg, sde=sde)
     raw.load_state_dict(blob["raw"])
     raw = raw.to(device=device, dtype=dtype)
     optimizer = torch.optim.Adam(raw.parameters(), lr=lr)
@@ -115,7 +115,7 @@ def restore_modules(est: Any, blob: dict[str, Any] | None) -> None:
     if isinstance(est.sde_, dict):  # written by save()
         sde_cfg = dict(est.sde_)
         est.sde_ = get_sde(sde_cfg.pop("name"), **sde_cfg)
-    dtype = {"float32": torch.float32, "float64": torch.float64}[est.dtype]
+    dtype = _DTYPES[est.dtype]
     # Building the modules draws initial weights (and Fourier frequencies) from the global RNG
     # before the stored values overwrite them: fork it so loading leaves it untouched.
     with _seeded_global_rng(0, torch.device("cpu")):

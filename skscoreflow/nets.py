@@ -289,13 +289,16 @@ class ScoreMLP(nn.Module):
         }
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> "ScoreMLP":
+    def from_config(cls, config: dict[str, Any], sde: SDE | None = None) -> "ScoreMLP":
         """Build an (untrained) network from :meth:`config` output.
 
         Parameters
         ----------
         config : dict
             As returned by :meth:`config`.
+        sde : SDE, optional
+            The SDE to use instead of rebuilding the built-in one named in ``config`` (a
+            user-defined SDE cannot be rebuilt from its name).
 
         Returns
         -------
@@ -304,7 +307,8 @@ class ScoreMLP(nn.Module):
         """
         cfg = dict(config)
         sde_cfg = dict(cfg.pop("sde"))
-        sde = get_sde(sde_cfg.pop("name"), **sde_cfg)
+        if sde is None:
+            sde = get_sde(sde_cfg.pop("name"), **sde_cfg)
         return cls(sde=sde, **cfg)
 
     def noise(self, x: Tensor, t: Tensor) -> Tensor:

@@ -9,18 +9,6 @@ weights, validation with early stopping and the non-finite-loss guard.  All rand
 from the ``torch.Generator`` passed in; the global torch RNG is never used.  Training state
 (optimizer, EMA weights, step count, curves) is returned in a :class:`TrainState` so that
 training can be continued (``warm_start``).
-
-Examples
---------
->>> import torch
->>> from skscoreflow.sde import VPSDE
->>> from skscoreflow.nets import ScoreMLP
->>> g = torch.Generator().manual_seed(0)
->>> X = torch.randn(256, 2, generator=g)
->>> net = ScoreMLP(2, VPSDE(), hidden_layer_sizes=(16,))
->>> state = train_score_model(net, X, VPSDE(), max_iter=20, batch_size=64, generator=g)
->>> state.n_iter, len(state.loss_curve)
-(20, 20)
 """
 
 from __future__ import annotations
@@ -120,17 +108,11 @@ class TrainState:
 
     Examples
     --------
-    >>> import torch
-    >>> from skscoreflow.sde import VPSDE
-    >>> from skscoreflow.nets import ScoreMLP
-    >>> g = torch.Generator().manual_seed(0)
-    >>> X = torch.randn(128, 2, generator=g)
-    >>> net = ScoreMLP(2, VPSDE(), hidden_layer_sizes=(16,))
-    >>> state = train_score_model(net, X, VPSDE(), max_iter=5, batch_size=32, generator=g)
-    >>> state = train_score_model(net, X, VPSDE(), max_iter=5, batch_size=32, generator=g,
-    ...                           state=state)  # continue: same optimizer and EMA
-    >>> state.n_iter
-    10
+    >>> import copy, torch
+    >>> model = torch.nn.Linear(2, 2)
+    >>> state = TrainState(model, copy.deepcopy(model), torch.optim.Adam(model.parameters()))
+    >>> state.n_iter, state.loss_curve, state.best_validation_score
+    (0, [], None)
     """
 
     model: nn.Module
@@ -469,6 +451,10 @@ def train_score_model(
     >>> state = train_score_model(net, X, VPSDE(), max_iter=20, batch_size=64, generator=g)
     >>> state.n_iter, len(state.loss_curve), state.ema_model.training
     (20, 20, False)
+    >>> state = train_score_model(net, X, VPSDE(), max_iter=5, batch_size=64, generator=g,
+    ...                           state=state)  # continue: same optimizer and EMA
+    >>> state.n_iter
+    25
     """
     _check_weighting(weighting)
 

@@ -233,3 +233,29 @@ def test_dequantized_log_prob_combines_draws():
     assert torch.allclose(lme, torch.full_like(lme, math.log((1 - math.exp(-3)) / 3)), atol=0.02)
     with pytest.raises(ValueError, match="n_samples"):
         dequantized_log_prob(log_p, x, n_samples=0)
+
+
+def test_only_exact_log_densities_are_importance_weighted(exact_1d, monkeypatch):
+    """score_samples log-mean-exps the K draws only with the exact divergence; a Hutchinson
+    estimate (like the bound's Monte-Carlo estimate) is averaged instead."""
+    import skscoreflow._estimator as mod
+
+    est, x = exact_1d
+    seen = []
+    real = mod.dequantized_log_prob
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["importance_weighted"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mod, "dequantized_log_prob", spy)
+    rows = x[:5, None]
+    try:
+        est.set_params(n_dequantization_samples=2, divergence="hutchinson")
+        est.score_samples(rows)
+        est.set_params(divergence="auto")
+        est.score_samples(rows)
+        est.bound(rows, n_time_samples=5)
+    finally:
+        est.set_params(divergence="auto")
+    assert seen == [False, True, False]

@@ -3,7 +3,6 @@ corrector) and probability-flow ODE samplers with the exact score of a Gaussian.
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

@@ -37,8 +37,9 @@ class SDE(ABC):
     (:meth:`diffusion_squared`, :meth:`drift_coeff`, :meth:`drift_divergence_integral`) and an
     antiderivative of ``g^2 / sigma^2`` with its inverse (``_cum_weight``,
     ``_inverse_cum_weight``); everything else (probability-flow drift, prior, importance
-    sampling, Gaussian reference) is derived here.  Methods taking a time ``t`` accept a
-    scalar tensor or one time per row (shape ``(n,)``) and return the same shape.
+    sampling, Gaussian reference) is derived here.  Methods taking a time ``t`` (a tensor of
+    times in ``[0, T]``: a scalar or one time per row, shape ``(n,)``) return a tensor of the
+    same shape unless their docstring says otherwise.
 
     Attributes
     ----------
@@ -90,79 +91,24 @@ class SDE(ABC):
 
     # ------------------------------------------------------------------ kernel and dynamics
     @abstractmethod
-    def log_mean_coeff(self, t: Tensor) -> Tensor:
-        """``log alpha(t)``, the log of the kernel's mean coefficient.
+    def log_mean_coeff(self, t: Tensor) -> Tensor:  # numpydoc ignore=PR01,RT01
+        """``log alpha(t)``, the log of the kernel's mean coefficient."""
 
-        Parameters
-        ----------
-        t : Tensor
-            Time(s) in ``[0, T]``.
-
-        Returns
-        -------
-        Tensor
-            Same shape as ``t``.
-        """
-
-    def mean_coeff(self, t: Tensor) -> Tensor:
-        """``alpha(t)``: ``E[x_t | x_0] = alpha(t) x_0``.
-
-        Parameters
-        ----------
-        t : Tensor
-            Time(s) in ``[0, T]``.
-
-        Returns
-        -------
-        Tensor
-            Same shape as ``t``.
-        """
+    def mean_coeff(self, t: Tensor) -> Tensor:  # numpydoc ignore=PR01,RT01
+        """``alpha(t)``: ``E[x_t | x_0] = alpha(t) x_0``."""
         return torch.exp(self.log_mean_coeff(t))
 
     @abstractmethod
-    def std(self, t: Tensor) -> Tensor:
-        """``sigma(t)``: the std of the perturbation kernel ``p_0t``.
-
-        Parameters
-        ----------
-        t : Tensor
-            Time(s) in ``[0, T]``.
-
-        Returns
-        -------
-        Tensor
-            Same shape as ``t``.
-        """
+    def std(self, t: Tensor) -> Tensor:  # numpydoc ignore=PR01,RT01
+        """``sigma(t)``: the std of the perturbation kernel ``p_0t``."""
 
     @abstractmethod
-    def diffusion_squared(self, t: Tensor) -> Tensor:
-        """``g(t)^2``, the squared diffusion coefficient.
-
-        Parameters
-        ----------
-        t : Tensor
-            Time(s) in ``[0, T]``.
-
-        Returns
-        -------
-        Tensor
-            Same shape as ``t``.
-        """
+    def diffusion_squared(self, t: Tensor) -> Tensor:  # numpydoc ignore=PR01,RT01
+        """``g(t)^2``, the squared diffusion coefficient."""
 
     @abstractmethod
-    def drift_coeff(self, t: Tensor) -> Tensor:
-        """Coefficient of the linear drift ``f(x, t) = drift_coeff(t) * x``.
-
-        Parameters
-        ----------
-        t : Tensor
-            Time(s) in ``[0, T]``.
-
-        Returns
-        -------
-        Tensor
-            Same shape as ``t``.
-        """
+    def drift_coeff(self, t: Tensor) -> Tensor:  # numpydoc ignore=PR01,RT01
+        """Coefficient of the linear drift ``f(x, t) = drift_coeff(t) * x``."""
 
     @abstractmethod
     def drift_divergence_integral(self, eps: float, dim: int) -> float:
@@ -328,19 +274,8 @@ class SDE(ABC):
         return 0.5 * d * math.log(2 * math.pi * v) + (a2 * sq + d * s2) / (2 * v)
 
     # ------------------------------------------------------------------ Gaussian reference
-    def reference_variance(self, t: Tensor) -> Tensor:
-        """``alpha(t)^2 + sigma(t)^2``: the variance of ``p_t`` for ``N(0, I)`` data.
-
-        Parameters
-        ----------
-        t : Tensor
-            Time(s) in ``[0, T]``.
-
-        Returns
-        -------
-        Tensor
-            Same shape as ``t``.
-        """
+    def reference_variance(self, t: Tensor) -> Tensor:  # numpydoc ignore=PR01,RT01
+        """``alpha(t)^2 + sigma(t)^2``: the variance of ``p_t`` for ``N(0, I)`` data."""
         return self.mean_coeff(t) ** 2 + self.std(t) ** 2
 
     def reference_noise(self, x: Tensor, t: Tensor) -> Tensor:
@@ -404,19 +339,8 @@ class SDE(ABC):
     def _inverse_cum_weight(self, c: Tensor) -> Tensor:
         """Inverse of :meth:`_cum_weight` (float64)."""
 
-    def likelihood_weight_ratio(self, t: Tensor) -> Tensor:
-        """``g(t)^2 / sigma(t)^2``, the unnormalised importance-sampling density.
-
-        Parameters
-        ----------
-        t : Tensor
-            Time(s) in ``[0, T]``.
-
-        Returns
-        -------
-        Tensor
-            Same shape as ``t``.
-        """
+    def likelihood_weight_ratio(self, t: Tensor) -> Tensor:  # numpydoc ignore=PR01,RT01
+        """``g(t)^2 / sigma(t)^2``, the unnormalised importance-sampling density."""
         return self.diffusion_squared(t) / self.std(t) ** 2
 
     def importance_normalizer(self, eps: float | None = None) -> Tensor:
