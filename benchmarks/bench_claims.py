@@ -80,7 +80,7 @@ def is_variance_ratio(est: Any, X: np.ndarray, n: int = 20_000, seed: int = 0) -
     x = rows[idx]
     if est.dequantization is not None:
         x = x + torch.rand(x.shape, generator=g, dtype=x.dtype)
-    x0 = torch.as_tensor(est._standardizer.transform(x.numpy()), dtype=torch.float32)
+    x0 = torch.as_tensor((x.numpy() - est.mean_) / est.scale_, dtype=torch.float32)
     sde, eps, net = est.sde_, est.eps_, est.network_.cpu()
     with torch.no_grad():
         uni = dsm_loss(net, x0, sde, "likelihood", eps, generator=g) * (sde.T - eps)

@@ -41,7 +41,19 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _AUTO_FOURIER_FEATURES = 128
 _AUTO_FOURIER_MAX_FEATURES = 2
 
-_positive_int = Interval(Integral, 1, None, closed="left")
+
+
+class _Ints(Interval):
+    """Ints ``>= low`` with bools excluded (a plain ``Interval(Integral, ...)`` accepts ``True``)."""
+
+    def __init__(self, low: int) -> None:
+        super().__init__(Integral, low, None, closed="left")
+
+    def is_satisfied_by(self, val: Any) -> bool:
+        return not isinstance(val, bool) and super().is_satisfied_by(val)
+
+
+_positive_int = _Ints(1)
 _positive_real = Interval(Real, 0, None, closed="neither")
 _unit_open = Interval(Real, 0, 1, closed="neither")
 
@@ -53,10 +65,10 @@ PARAMETER_CONSTRAINTS: dict[str, list[Any]] = {
     "dequantization": [StrOptions({d for d in _DEQUANTIZATIONS if d is not None}), None],
     "n_dequantization_samples": [_positive_int],
     "dequantizer_hidden_layer_sizes": ["array-like", _positive_int],
-    "dequantizer_n_couplings": [Interval(Integral, 0, None, closed="left")],
+    "dequantizer_n_couplings": [_Ints(0)],
     "dequantizer_max_iter": [_positive_int],
     "hidden_layer_sizes": ["array-like", _positive_int],
-    "fourier_features": [Interval(Integral, 0, None, closed="left"), StrOptions({"auto"})],
+    "fourier_features": [_Ints(0), StrOptions({"auto"})],
     "fourier_scale": [_positive_real],
     "max_iter": [_positive_int],
     "batch_size": [_positive_int],

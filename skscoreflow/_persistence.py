@@ -27,7 +27,8 @@ from .training import TrainState, _seeded_global_rng
 
 __all__: list[str] = []
 
-FORMAT_VERSION = 1
+#: 2: an SDE-instance parameter is stored as ``{"__sde__": {name, config}}`` (1 had none).
+FORMAT_VERSION = 2
 #: Fitted array attributes restored from JSON lists by ``load``.
 _ARRAYS = ("mean_", "scale_", "data_min_", "data_max_", "feature_names_in_")
 

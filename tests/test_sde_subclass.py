@@ -58,10 +58,10 @@ class ConstantBetaSDE(SDE):
     def drift_divergence_integral(self, eps, dim):
         return -0.5 * dim * self.beta * (self.T - eps)
 
-    def _cum_weight(self, t):
+    def cum_weight(self, t):
         return torch.log(torch.expm1(self.beta * t))
 
-    def _inverse_cum_weight(self, c):
+    def inverse_cum_weight(self, c):
         return torch.nn.functional.softplus(c) / self.beta
 
     def config(self):
@@ -206,3 +206,26 @@ def test_bound_of_a_subclass_uses_its_own_constants(sde, gaussian_oracle):
     )
     expected = oracle.log_prob(x) - oracle.prior_mismatch(x)
     assert torch.all((lb - expected).abs() < 4 * terms["diffusion_stderr"] + 2e-3)
+
+
+def test_an_unhashable_sde_works_in_the_bound(gaussian_oracle):
+    """The per-instance constant cache does not need a hashable SDE (an ``eq=True``
+    dataclass has no ``__hash__``); instances with equal parameters still get their own entry."""
+    from dataclasses import dataclass
+
+    @dataclass(eq=True)
+    class DataclassSDE(ConstantBetaSDE):
+        beta: float = 12.0
+
+    sde = DataclassSDE()
+    with pytest.raises(TypeError):
+        hash(sde)
+    oracle = gaussian_oracle(sde, torch.zeros(2, dtype=F64), torch.eye(2, dtype=F64))
+    x = oracle.sample(5, torch.Generator().manual_seed(11))
+    for _ in range(2):  # the second call reads the cache
+        lb, terms = likelihood_bound(
+            oracle.score, x, sde, n_time_samples=500,
+            generator=torch.Generator().manual_seed(12), return_terms=True,
+        )
+        expected = oracle.log_prob(x) - oracle.prior_mismatch(x)
+        assert torch.all((lb - expected).abs() < 4 * terms["diffusion_stderr"] + 2e-3)

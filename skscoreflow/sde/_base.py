@@ -13,8 +13,10 @@ from torch import Tensor
 __all__ = ["SDE"]
 
 _V = TypeVar("_V")
-#: Per-instance memo of :meth:`SDE._cached`; entries go away with their SDE.
-_CONSTANTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+#: Per-instance memo of :meth:`SDE._cached`, keyed by ``id`` (user SDEs, e.g. dataclasses, need
+#: not be hashable) with a weak reference that guards against a reused ``id``; a finalizer drops
+#: the entry with its SDE.
+_CONSTANTS: dict[int, tuple[weakref.ref, dict]] = {}
 
 
 def _log_expm1(x: Tensor) -> Tensor:
@@ -35,8 +37,8 @@ class SDE(ABC):
 
     A subclass implements the kernel (:meth:`log_mean_coeff`, :meth:`std`), the dynamics
     (:meth:`diffusion_squared`, :meth:`drift_coeff`, :meth:`drift_divergence_integral`) and an
-    antiderivative of ``g^2 / sigma^2`` with its inverse (``_cum_weight``,
-    ``_inverse_cum_weight``); everything else (probability-flow drift, prior, importance
+    antiderivative of ``g^2 / sigma^2`` with its inverse (:meth:`cum_weight`,
+    :meth:`inverse_cum_weight`); everything else (probability-flow drift, prior, importance
     sampling, Gaussian reference) is derived here.  Methods taking a time ``t`` (a tensor of
     times in ``[0, T]``: a scalar or one time per row, shape ``(n,)``) return a tensor of the
     same shape unless their docstring says otherwise.
@@ -48,10 +50,11 @@ class SDE(ABC):
     default_eps : float
         Lower time cutoff for training, the likelihood and the bound.
     sampling_eps : float
-        Final time of the samplers (``default_eps`` unless a subclass sets it).
+        Final time of the samplers: ``default_eps`` unless a subclass overrides this read-only
+        property (with a class attribute or a property).
     continuous_eps : float
-        The estimator's default cutoff for standardised continuous data (``default_eps`` unless
-        a subclass sets it).
+        The estimator's default cutoff for standardised continuous data: ``default_eps`` unless
+        a subclass overrides it (likewise).
     name : str
         Registry key ("ve", "vp" or "subvp"; used to save and rebuild built-in SDEs).
     prior_std : float
@@ -314,10 +317,16 @@ class SDE(ABC):
         """Memoise a constant derived from this SDE (e.g. the bound's quadratures).
 
         The cache belongs to this instance (held beside it, not in its ``__dict__``, so state
-        comparisons and pickles are unaffected) and its key includes :meth:`config`: a subclass
-        or an SDE with other parameters never reuses another SDE's numbers.
+        comparisons and pickles are unaffected; the instance need not be hashable) and its key
+        includes :meth:`config`: a subclass or an SDE with other parameters never reuses
+        another SDE's numbers.
         """
-        cache = _CONSTANTS.setdefault(self, {})
+        entry = _CONSTANTS.get(id(self))
+        if entry is None or entry[0]() is not self:
+            # SDE defines no __slots__, so every subclass instance is weak-referenceable.
+            entry = _CONSTANTS[id(self)] = (weakref.ref(self), {})
+            weakref.finalize(self, _CONSTANTS.pop, id(self), None)
+        cache = entry[1]
         full_key = (key, tuple(sorted(self.config().items())))
         if full_key not in cache:
             cache[full_key] = compute()
@@ -332,12 +341,16 @@ class SDE(ABC):
 
     # ------------------------------------------------------------------ importance sampling
     @abstractmethod
-    def _cum_weight(self, t: Tensor) -> Tensor:
-        """An antiderivative ``G(t)`` of ``g^2 / sigma^2`` (float64)."""
+    def cum_weight(self, t: Tensor) -> Tensor:  # numpydoc ignore=PR01,RT01
+        """An antiderivative ``G(t)`` of ``g^2 / sigma^2`` (called in float64).
+
+        With :meth:`inverse_cum_weight` it gives the importance-sampling proposal in closed
+        form: CDF ``(G(t) - G(eps)) / Z`` and inverse CDF.
+        """
 
     @abstractmethod
-    def _inverse_cum_weight(self, c: Tensor) -> Tensor:
-        """Inverse of :meth:`_cum_weight` (float64)."""
+    def inverse_cum_weight(self, c: Tensor) -> Tensor:  # numpydoc ignore=PR01,RT01
+        """Inverse of :meth:`cum_weight`: the time ``t`` with ``G(t) = c`` (called in float64)."""
 
     def likelihood_weight_ratio(self, t: Tensor) -> Tensor:  # numpydoc ignore=PR01,RT01
         """``g(t)^2 / sigma(t)^2``, the unnormalised importance-sampling density."""
@@ -359,7 +372,7 @@ class SDE(ABC):
         eps = self.default_eps if eps is None else eps
         e = torch.tensor(eps, dtype=torch.float64)
         T = torch.tensor(self.T, dtype=torch.float64)
-        return self._cum_weight(T) - self._cum_weight(e)
+        return self.cum_weight(T) - self.cum_weight(e)
 
     def importance_cdf(self, t: Tensor, eps: float | None = None) -> Tensor:
         """CDF of ``p_IS`` on ``[eps, T]``.
@@ -380,7 +393,7 @@ class SDE(ABC):
         t64 = t.to(torch.float64)
         e = torch.tensor(eps, dtype=torch.float64, device=t64.device)
         z = self.importance_normalizer(eps).to(t64.device)
-        return ((self._cum_weight(t64) - self._cum_weight(e)) / z).to(t.dtype)
+        return ((self.cum_weight(t64) - self.cum_weight(e)) / z).to(t.dtype)
 
     def importance_icdf(self, u: Tensor, eps: float | None = None) -> Tensor:
         """Inverse CDF of ``p_IS``: maps ``u in [0, 1]`` to ``t in [eps, T]`` (closed form).
@@ -401,7 +414,7 @@ class SDE(ABC):
         u64 = u.to(torch.float64)
         e = torch.tensor(eps, dtype=torch.float64, device=u64.device)
         z = self.importance_normalizer(eps).to(u64.device)
-        t = self._inverse_cum_weight(u64 * z + self._cum_weight(e))
+        t = self.inverse_cum_weight(u64 * z + self.cum_weight(e))
         return t.clamp(eps, self.T).to(u.dtype)
 
     def importance_log_prob(self, t: Tensor, eps: float | None = None) -> Tensor:

@@ -80,8 +80,16 @@ class VPSDE(_LinearBetaSDE):
 
     name = "vp"
     default_eps = 1e-5
-    sampling_eps = 1e-3
-    continuous_eps = 3e-3
+
+    @property
+    def sampling_eps(self) -> float:  # numpydoc ignore=RT01
+        """1e-3, the paper's sampling cutoff for VP."""
+        return 1e-3
+
+    @property
+    def continuous_eps(self) -> float:  # numpydoc ignore=RT01
+        """3e-3: ``sigma(eps) = 0.02`` of the standardised data."""
+        return 3e-3
 
     def std(self, t: Tensor) -> Tensor:
         # sqrt(1 - exp(-B)) via expm1: exact to rounding at small t.
@@ -90,11 +98,11 @@ class VPSDE(_LinearBetaSDE):
     def diffusion_squared(self, t: Tensor) -> Tensor:
         return self.beta(t)
 
-    def _cum_weight(self, t: Tensor) -> Tensor:
+    def cum_weight(self, t: Tensor) -> Tensor:
         # g^2/sigma^2 = beta / (1 - e^-B) = d/dt log(e^B - 1).
         return _log_expm1(self.integrated_beta(t))
 
-    def _inverse_cum_weight(self, c: Tensor) -> Tensor:
+    def inverse_cum_weight(self, c: Tensor) -> Tensor:
         # log(e^B - 1) = c  =>  B = log(1 + e^c) = softplus(c).
         return self._inverse_integrated_beta(torch.nn.functional.softplus(c))
 
@@ -128,12 +136,12 @@ class SubVPSDE(_LinearBetaSDE):
     def diffusion_squared(self, t: Tensor) -> Tensor:
         return -self.beta(t) * torch.expm1(-2 * self.integrated_beta(t))
 
-    def _cum_weight(self, t: Tensor) -> Tensor:
+    def cum_weight(self, t: Tensor) -> Tensor:
         # g^2/sigma^2 = beta (1 + e^-B) / (1 - e^-B); antiderivative 2 log(e^B - 1) - B.
         b = self.integrated_beta(t)
         return 2 * _log_expm1(b) - b
 
-    def _inverse_cum_weight(self, c: Tensor) -> Tensor:
+    def inverse_cum_weight(self, c: Tensor) -> Tensor:
         # (e^B - 1)^2 / e^B = e^c: with y = e^B, y^2 - (2 + e^c) y + 1 = 0, larger root.
         # y - 1 = (e^c + sqrt(e^c (4 + e^c))) / 2, kept as y - 1 for log1p accuracy.
         ec = torch.exp(c)
@@ -192,10 +200,10 @@ class VESDE(SDE):
     def drift_divergence_integral(self, eps: float, dim: int) -> float:
         return 0.0
 
-    def _cum_weight(self, t: Tensor) -> Tensor:
+    def cum_weight(self, t: Tensor) -> Tensor:
         return 2 * self._log_ratio * t
 
-    def _inverse_cum_weight(self, c: Tensor) -> Tensor:
+    def inverse_cum_weight(self, c: Tensor) -> Tensor:
         return c / (2 * self._log_ratio)
 
     def config(self) -> dict[str, Any]:
