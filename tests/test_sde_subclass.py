@@ -71,6 +71,17 @@ class ConstantBetaSDE(SDE):
 SDE_ = ConstantBetaSDE()
 
 
+def _assert_bound_tight(oracle, sde, x, n_time_samples, seed):
+    """Spec §12 (b)/(c): with the exact score, the bound plus the (closed-form) prior mismatch
+    equals log p_0(x) up to the eps offset's tiny decoder gap, within Monte-Carlo error."""
+    lb, terms = likelihood_bound(
+        oracle.score, x, sde, n_time_samples=n_time_samples,
+        generator=torch.Generator().manual_seed(seed), return_terms=True,
+    )
+    expected = oracle.log_prob(x) - oracle.prior_mismatch(x)
+    assert torch.all((lb - expected).abs() < 4 * terms["diffusion_stderr"] + 2e-3)
+
+
 @pytest.fixture(scope="module")
 def oracle(gaussian_oracle, spd):
     mean = torch.tensor([0.5, -1.0, 0.25], dtype=F64)
@@ -96,15 +107,7 @@ def test_likelihood_matches_the_oracle(oracle):
 
 
 def test_bound_is_tight_for_the_exact_score(oracle):
-    """Spec §12 (b)/(c): with the exact score, the bound plus the (closed-form) prior mismatch
-    equals log p_0(x) up to the eps offset's tiny decoder gap, within Monte-Carlo error."""
-    x = oracle.sample(10, torch.Generator().manual_seed(2))
-    lb, terms = likelihood_bound(
-        oracle.score, x, SDE_, n_time_samples=2000,
-        generator=torch.Generator().manual_seed(3), return_terms=True,
-    )
-    expected = oracle.log_prob(x) - oracle.prior_mismatch(x)
-    assert torch.all((lb - expected).abs() < 4 * terms["diffusion_stderr"] + 2e-3)
+    _assert_bound_tight(oracle, SDE_, oracle.sample(10, torch.Generator().manual_seed(2)), 2000, 3)
 
 
 def test_samplers_draw_the_oracle_distribution(oracle):
@@ -199,13 +202,7 @@ def test_bound_of_a_subclass_uses_its_own_constants(sde, gaussian_oracle):
     """Rebuilding the constants from the registry by name gave FixedVP VPSDE()'s numbers (a
     bound about 10 nats off on exact-score data) and raised for RenamedVP; both are tight now."""
     oracle = gaussian_oracle(sde, torch.zeros(2, dtype=F64), torch.eye(2, dtype=F64) * 0.5)
-    x = oracle.sample(8, torch.Generator().manual_seed(9))
-    lb, terms = likelihood_bound(
-        oracle.score, x, sde, n_time_samples=2000,
-        generator=torch.Generator().manual_seed(10), return_terms=True,
-    )
-    expected = oracle.log_prob(x) - oracle.prior_mismatch(x)
-    assert torch.all((lb - expected).abs() < 4 * terms["diffusion_stderr"] + 2e-3)
+    _assert_bound_tight(oracle, sde, oracle.sample(8, torch.Generator().manual_seed(9)), 2000, 10)
 
 
 def test_an_unhashable_sde_works_in_the_bound(gaussian_oracle):
@@ -223,9 +220,4 @@ def test_an_unhashable_sde_works_in_the_bound(gaussian_oracle):
     oracle = gaussian_oracle(sde, torch.zeros(2, dtype=F64), torch.eye(2, dtype=F64))
     x = oracle.sample(5, torch.Generator().manual_seed(11))
     for _ in range(2):  # the second call reads the cache
-        lb, terms = likelihood_bound(
-            oracle.score, x, sde, n_time_samples=500,
-            generator=torch.Generator().manual_seed(12), return_terms=True,
-        )
-        expected = oracle.log_prob(x) - oracle.prior_mismatch(x)
-        assert torch.all((lb - expected).abs() < 4 * terms["diffusion_stderr"] + 2e-3)
+        _assert_bound_tight(oracle, sde, x, 500, 12)
