@@ -42,7 +42,6 @@ _AUTO_FOURIER_FEATURES = 128
 _AUTO_FOURIER_MAX_FEATURES = 2
 
 
-
 class _Ints(Interval):
     """Ints ``>= low`` with bools excluded (a plain ``Interval(Integral, ...)`` accepts ``True``)."""
 
