@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-import copy
 import os
-import warnings
 from typing import Any, Callable
 
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, DensityMixin, _fit_context
-from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import Tensor
 
 from . import _params, _persistence
+from ._checkpoint import FitCheckpoint
 from ._preprocessing import Standardizer
-from .bound import _mean_bound_fn, likelihood_bound
+from ._threads import fit_threads
+from .bound import likelihood_bound
 from .dequantization import (
     _check_integer_valued,
     _fit_to_score_model,
@@ -25,10 +24,8 @@ from .dequantization import (
 )
 from .likelihood import _EXACT_MAX_DIM, _resolve_divergence, ode_log_likelihood
 from .metrics import bits_per_dim
-from .nets import ScoreMLP
 from .sampling import _SAMPLERS
-from .sde import get_sde
-from .training import _seeded_global_rng, train_score_model
+from .training import NonFiniteLossError, train_score_model
 
 __all__ = ["ScoreFlowDensity"]
 
@@ -112,7 +109,13 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
     random_state : int, RandomState instance or None, default=None
         Seeds all randomness of ``fit``; an int makes it reproducible on CPU.
     verbose : int, default=0
-        ``> 0``: a progress bar (tqdm, when installed) and logs to the "skscoreflow" logger.
+        ``> 0``: progress (a tqdm bar on a terminal, else lines on the "skscoreflow" logger).
+    checkpoint_path : str, path-like or None, default=None
+        File (or existing folder) where ``fit`` keeps a checkpoint of the whole training state,
+        written atomically; a later ``fit`` with the same parameters and data resumes from it
+        (bit for bit on the CPU) and deletes it on completion.  None: no checkpoints.
+    checkpoint_every : int, default=1000
+        Optimizer steps between checkpoints (also written at Ctrl-C and between phases).
 
     Attributes
     ----------
@@ -204,6 +207,8 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
         device: str = "auto",
         random_state: int | np.random.RandomState | None = None,
         verbose: int = 0,
+        checkpoint_path: str | os.PathLike | None = None,
+        checkpoint_every: int = 1000,
     ) -> None:
         self.sde = sde
         self.weighting = weighting
@@ -233,6 +238,8 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
         self.device = device
         self.random_state = random_state
         self.verbose = verbose
+        self.checkpoint_path = checkpoint_path
+        self.checkpoint_every = checkpoint_every
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -259,6 +266,11 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
     def fit(self, X: Any, y: Any = None) -> "ScoreFlowDensity":
         """Train the score network (and the variational dequantizer) on ``X``.
 
+        With ``checkpoint_path`` set, an interrupted fit resumes from its last checkpoint when
+        called again with the same parameters and data.  Ctrl-C stops after the running step
+        and leaves a usable estimator, with a warning; a script then gets the
+        ``KeyboardInterrupt`` back, an interactive session does not (see the user guide).
+
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features)
@@ -279,24 +291,19 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
         X = validate_data(
             self, X, dtype=[np.float64, np.float32], ensure_min_samples=2, reset=not warm
         )
-        seed = _params.seed_from(self.random_state)
         if warm:
             _params.check_warm_start(self)
         if self.dequantization is not None:
             _check_integer_valued(X, getattr(self, "feature_names_in_", None))
-        if not warm:  # what the first fit derives from the parameters and the data
-            self.device_ = _params.resolve_device(self.device)
-            self.sde_ = copy.deepcopy(get_sde(self.sde))  # never modify what the user passed
-            eps = self.eps
-            if eps is None and self.dequantization is None:
-                eps = self.sde_.continuous_eps
-            self.eps_ = self.sde_._resolve_eps(eps)
-            self.fourier_features_ = _params.fourier_count(self.fourier_features, X.shape[1])
-            st = Standardizer.fit(X, dequantized=self.dequantization is not None)
-            self.mean_, self.scale_ = st.mean, st.scale
-            deq = self.dequantization is not None
-            self.data_min_ = X.min(axis=0).astype(np.float64) if deq else None
-            self.data_max_ = X.max(axis=0).astype(np.float64) if deq else None
+        ckpt = None
+        if self.checkpoint_path is not None:
+            ckpt = FitCheckpoint(self, X, self.n_iter_ if warm else 0)
+        seed = _params.seed_from(self.random_state)
+        seed = seed if ckpt is None else ckpt.seed(seed)
+        if not warm:
+            _params.derive(self, X)
+        if ckpt is not None and ckpt.phase is not None:
+            ckpt.restore_derived(self)
         train_idx, val_idx = _params.split(self, X.shape[0], np.random.default_rng(seed))
 
         st = self._standardizer
@@ -311,54 +318,45 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
             def batch_transform(batch: Tensor, g: torch.Generator) -> Tensor:
                 return st.transform(batch + _uniform_dequantize(batch, g)[0])
 
-        if warm:
-            net, state_in = self._train_state.model, self._train_state
-        else:
-            # Module initialisation draws from the global RNG: fork it so the user's state is
-            # untouched, and seed it so the initialisation is reproducible.
-            with _seeded_global_rng(seed, self.device_):
-                net = ScoreMLP(self.n_features_in_, self.sde_, sizes, fourier_scale=float(
-                    self.fourier_scale), fourier_features=self.fourier_features_)
-            net, state_in = net.to(device=self.device_, dtype=self._torch_dtype), None
+        def loop_kwargs(phase: str, score_state: Any = None) -> dict[str, Any]:
+            return {} if ckpt is None else ckpt.loop_kwargs(self, seed, phase, score_state)
 
-        validation_fn = None if val_idx is None else self._validation_fn(X[val_idx], seed)
-        state = train_score_model(
-            net, X_train, self.sde_, eps=self.eps_, generator=self._generator(seed),
-            batch_transform=batch_transform, validation_fn=validation_fn, state=state_in,
-            **_params.training_kwargs(self),
-        )
-        if self.early_stopping and not state.stopped_early:
-            warnings.warn(
-                f"early stopping did not trigger within max_iter={self.max_iter} steps; the "
-                "validation score may still be improving",
-                ConvergenceWarning,
-            )
-        self._train_state = state
-        self._fitted_structure = _params.structure(self)
-        self.network_ = state.ema_model
-        self.n_iter_ = state.n_iter
-        self.loss_curve_ = list(state.loss_curve)
-        self.validation_scores_ = list(state.validation_scores) if self.early_stopping else None
-        self.best_validation_score_ = state.best_validation_score if self.early_stopping else None
-        self.fit_time_ = state.fit_time
-        self.dequantizer_ = self.dequantizer_loss_curve_ = None
-        if self.dequantization == "variational":
-            deq = _fit_to_score_model(
-                self.network_, self.sde_, self.eps_, st.transform, self._to_tensor(X[train_idx]),
-                hidden_layer_sizes=deq_sizes, n_couplings=int(self.dequantizer_n_couplings),
-                max_iter=int(self.dequantizer_max_iter), seed=seed + 3, verbose=int(self.verbose),
-            )
-            self.dequantizer_, self.dequantizer_loss_curve_ = deq.ema_model, list(deq.loss_curve)
+        with fit_threads():
+            if ckpt is not None and ckpt.phase == "dequantizer":
+                state = ckpt.score_state(self)
+            else:
+                if warm:
+                    net, state_in = self._train_state.model, self._train_state
+                else:
+                    net, state_in = _params.new_network(self, sizes, seed), None
+                validation_fn = None if val_idx is None else _params.validation_fn(self, X[val_idx], seed)
+                try:
+                    state = train_score_model(
+                        net, X_train, self.sde_, eps=self.eps_, generator=self._generator(seed),
+                        batch_transform=batch_transform, validation_fn=validation_fn,
+                        state=state_in, **_params.training_kwargs(self), **loop_kwargs("score"),
+                    )
+                except NonFiniteLossError:
+                    if warm:  # the continued state holds the last good weights: keep it whole
+                        _params.set_score_state(self, self._train_state, warn=False)
+                    raise
+            _params.set_score_state(self, state)
+            deq_state = None
+            if self.dequantization == "variational" and not state.interrupted:
+                deq_state = _fit_to_score_model(
+                    self.network_, self.sde_, self.eps_, st.transform,
+                    self._to_tensor(X[train_idx]), hidden_layer_sizes=deq_sizes,
+                    n_couplings=int(self.dequantizer_n_couplings),
+                    max_iter=int(self.dequantizer_max_iter), seed=seed + 3,
+                    verbose=int(self.verbose), **loop_kwargs("dequantizer", state),
+                )
+                self.dequantizer_ = deq_state.ema_model
+                self.dequantizer_loss_curve_ = list(deq_state.loss_curve)
+        if state.interrupted or (deq_state is not None and deq_state.interrupted):
+            _params.interrupted(self, state, deq_state, ckpt)
+        elif ckpt is not None:
+            ckpt.remove()
         return self
-
-    def _validation_fn(self, X_val: np.ndarray, seed: int) -> Callable[[torch.nn.Module], float]:
-        """Mean likelihood bound (in X's units) on up to 2,000 validation rows."""
-        X_val = X_val[:2000].astype(np.float64)
-        if self.dequantization is not None:
-            X_val = X_val + np.random.default_rng(seed + 2).random(X_val.shape)
-        st = self._standardizer
-        V = self._to_tensor(st.transform(X_val))
-        return _mean_bound_fn(V, self.sde_, self.eps_, seed + 1, st.log_det)
 
     # ------------------------------------------------------------------ evaluation
     def _check_X(self, X: Any) -> np.ndarray:
@@ -372,8 +370,17 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
         self, X: np.ndarray, log_density: Callable[[Tensor], Tensor], seed: int, *, exact: bool
     ) -> np.ndarray:
         """``log_density`` (on standardised rows) in X's units; for dequantized models the
-        ``K``-draw bound on ``log P(x)``, importance-weighted only when ``exact``."""
+        ``K``-draw bound on ``log P(x)``, importance-weighted only when ``exact``.
+
+        Rows too far from the training data for the network's precision get ``-inf`` (with a
+        warning) and are kept out of the others' solves; a non-finite model output raises.
+        """
         st = self._standardizer
+        out = np.full(X.shape[0], -np.inf)
+        keep = _params.representable(st.transform(X), self._torch_dtype, warn=True)
+        if not keep.any():
+            return out
+        X = X[keep]
         if self.dequantization is None:
             ll = log_density(self._to_tensor(st.transform(X)))
         else:
@@ -382,17 +389,22 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
                 dequantizer=self.dequantizer_, transform=st.transform, importance_weighted=exact,
                 generator=self._generator(seed),
             )
-        return ll.detach().cpu().numpy().astype(np.float64) + st.log_det
+        ll = ll.detach().cpu().numpy().astype(np.float64) + st.log_det
+        if np.isnan(ll).any():
+            raise FloatingPointError(
+                f"the model gave NaN log-densities for {int(np.isnan(ll).sum())} row(s): its "
+                "network output is not finite there"
+            )
+        out[keep] = ll
+        return out
 
     def score_samples(self, X: Any) -> np.ndarray:
         """Log-density of each row under the probability-flow ODE model.
 
         For a dequantized model, a lower bound on ``log P(X = x)`` of each integer row: with
-        ``K = n_dequantization_samples`` draws ``u_k ~ q(u | x)``, the importance-weighted bound
-        ``log (1/K) sum_k p(x + u_k) / q(u_k | x)`` (tighter as ``K`` grows).  That needs
-        ``p(x + u)`` itself, so "auto" means the exact divergence there; with
-        ``divergence="hutchinson"`` the draws are averaged in log space instead (exponentiating
-        a noisy estimate would bias the bound upwards).
+        ``K = n_dequantization_samples`` draws ``u_k ~ q(u | x)``, the importance-weighted
+        ``log (1/K) sum_k p(x + u_k) / q(u_k | x)``, which needs ``p(x + u)`` itself ("auto" is
+        the exact divergence there; a Hutchinson estimate is averaged in log space instead).
 
         Parameters
         ----------
@@ -572,9 +584,10 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
     def save(self, path: str | os.PathLike) -> None:
         """Save the fitted estimator to ``path`` in a format that runs no code on load.
 
-        The file holds tensors and JSON text only (a ``torch.save`` of a dict), readable with
-        ``torch.load(path, weights_only=True)``; load it with :meth:`load`.  A user-defined
-        SDE class cannot be stored as data: pickle or joblib such an estimator instead.
+        The file is written atomically and holds tensors and JSON text only (a ``torch.save``
+        of a dict, readable with ``torch.load(path, weights_only=True)``), with the format
+        version, the skscoreflow and torch versions and a checksum; load it with :meth:`load`.
+        A user-defined SDE class cannot be stored as data: pickle or joblib such an estimator.
 
         Parameters
         ----------
@@ -587,6 +600,9 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ScoreFlowDensity":
         """Load an estimator written by :meth:`save` (``weights_only`` loading: no code runs).
+
+        Anything but an intact model file (a directory, a truncated or altered file, a pickle,
+        a newer format) raises a ``ValueError`` naming the problem.
 
         Parameters
         ----------

@@ -8,7 +8,11 @@ the helpers here, with the same kind of message.
 
 from __future__ import annotations
 
+import copy
 import math
+import os
+import sys
+import warnings
 from numbers import Integral, Real
 from typing import Any
 
@@ -87,6 +91,8 @@ PARAMETER_CONSTRAINTS: dict[str, list[Any]] = {
     "device": [str, torch.device],
     "random_state": ["random_state"],
     "verbose": ["verbose"],
+    "checkpoint_path": [str, os.PathLike, None],
+    "checkpoint_every": [_positive_int],
 }
 
 SAMPLE_CONSTRAINTS: dict[str, list[Any]] = {
@@ -216,3 +222,119 @@ def check_warm_start(est: Any) -> None:
             f"warm_start=True cannot change {changed} after the first fit (fitted with "
             f"{ {k: fitted.get(k) for k in changed} }); refit with warm_start=False"
         )
+
+
+def _interactive() -> bool:
+    """Whether Python runs interactively (a REPL, ``python -i``, IPython or Jupyter)."""
+    if hasattr(sys, "ps1") or sys.flags.interactive:
+        return True
+    ipython = sys.modules.get("IPython")
+    return ipython is not None and getattr(ipython, "get_ipython", lambda: None)() is not None
+
+
+def interrupted(est: Any, state: Any, deq_state: Any, ckpt: Any) -> None:
+    """After Ctrl-C: warn what the estimator holds, then stop a script, not a session."""
+    if state.interrupted:
+        where = (f"score-model training was interrupted after step {state.n_iter} "
+                 f"(max_iter={est.max_iter})")
+        held = "the weights of that step" + (", or the best ones" if est.early_stopping else "")
+        if est.dequantization == "variational":
+            held += "; the variational dequantizer was not trained (uniform dequantization)"
+    else:
+        where = (f"dequantizer training was interrupted after step {deq_state.n_iter} "
+                 f"(dequantizer_max_iter={est.dequantizer_max_iter})")
+        held = "the dequantizer of that step"
+    resume = "" if ckpt is None else "; fit again with the same checkpoint_path to resume"
+    message = f"{where}: the estimator is usable with {held}{resume}"
+    warnings.warn(message, UserWarning, stacklevel=3)
+    if not _interactive():
+        raise KeyboardInterrupt(message)
+
+
+def representable_limit(n_features: int, dtype: torch.dtype) -> float:
+    """Largest ``|z|`` (standardised) whose squares, summed over the row, stay finite."""
+    return math.sqrt(torch.finfo(dtype).max / (4 * n_features))
+
+
+def representable(Z: np.ndarray, dtype: torch.dtype, warn: bool = False) -> np.ndarray:
+    """Rows of standardised ``Z`` that ``dtype`` can evaluate (see :func:`representable_limit`);
+    with ``warn``, a ``RuntimeWarning`` that the others get a log-density of -inf."""
+    limit = representable_limit(Z.shape[1], dtype)
+    keep = np.abs(Z).max(axis=1) <= limit
+    if warn and not keep.all():
+        warnings.warn(
+            f"{int((~keep).sum())} row(s) lie so far from the training data (beyond {limit:.1e} "
+            f"standard deviations) that {str(dtype).replace('torch.', '')} cannot evaluate them: "
+            "their log-density is -inf",
+            RuntimeWarning, stacklevel=4,
+        )
+    return keep
+
+
+def new_network(est: Any, sizes: tuple[int, ...], seed: int) -> torch.nn.Module:
+    """A freshly initialised score network for ``est`` on its device and dtype.
+
+    Module initialisation draws from the global RNG: it runs forked (the user's state is
+    untouched) and seeded (the initialisation is reproducible).
+    """
+    from .nets import ScoreMLP
+    from .training import _seeded_global_rng
+
+    with _seeded_global_rng(seed, est.device_):
+        net = ScoreMLP(est.n_features_in_, est.sde_, sizes, fourier_features=est.fourier_features_,
+                       fourier_scale=float(est.fourier_scale))
+    return net.to(device=est.device_, dtype=_DTYPES[est.dtype])
+
+
+def derive(est: Any, X: np.ndarray) -> None:
+    """What the first ``fit`` derives from the parameters and the data (device, SDE, cutoff,
+    Fourier count, standardisation, integer range)."""
+    from ._preprocessing import Standardizer
+    from .sde import get_sde
+
+    est.device_ = resolve_device(est.device)
+    est.sde_ = copy.deepcopy(get_sde(est.sde))  # never modify what the user passed
+    eps = est.eps
+    if eps is None and est.dequantization is None:
+        eps = est.sde_.continuous_eps
+    est.eps_ = est.sde_._resolve_eps(eps)
+    est.fourier_features_ = fourier_count(est.fourier_features, X.shape[1])
+    st = Standardizer.fit(X, dequantized=est.dequantization is not None)
+    est.mean_, est.scale_ = st.mean, st.scale
+    deq = est.dequantization is not None
+    est.data_min_ = X.min(axis=0).astype(np.float64) if deq else None
+    est.data_max_ = X.max(axis=0).astype(np.float64) if deq else None
+
+
+def set_score_state(est: Any, state: Any, warn: bool = True) -> None:
+    """The fitted attributes of a (finished or interrupted) score-model training run."""
+    from sklearn.exceptions import ConvergenceWarning
+
+    if warn and est.early_stopping and not (state.stopped_early or state.interrupted):
+        warnings.warn(
+            f"early stopping did not trigger within max_iter={est.max_iter} steps; the "
+            "validation score may still be improving",
+            ConvergenceWarning, stacklevel=4,
+        )
+    est._train_state = state
+    est._fitted_structure = structure(est)
+    est.network_ = state.ema_model
+    est.n_iter_ = state.n_iter
+    est.loss_curve_ = list(state.loss_curve)
+    est.validation_scores_ = list(state.validation_scores) if est.early_stopping else None
+    est.best_validation_score_ = state.best_validation_score if est.early_stopping else None
+    est.fit_time_ = state.fit_time
+    est.dequantizer_ = est.dequantizer_loss_curve_ = None
+
+
+def validation_fn(est: Any, X_val: np.ndarray, seed: int) -> Any:
+    """Early stopping's score: the mean likelihood bound (in X's units) on up to 2,000
+    validation rows (uniformly dequantized for integer data), the same draws every time."""
+    from .bound import _mean_bound_fn
+
+    X_val = X_val[:2000].astype(np.float64)
+    if est.dequantization is not None:
+        X_val = X_val + np.random.default_rng(seed + 2).random(X_val.shape)
+    st = est._standardizer
+    V = torch.tensor(st.transform(X_val), dtype=_DTYPES[est.dtype], device=est.device_)
+    return _mean_bound_fn(V, est.sde_, est.eps_, seed + 1, st.log_det)

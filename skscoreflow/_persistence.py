@@ -11,6 +11,7 @@ Two formats share one "network blob" (CPU state dicts and JSON configs, never li
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import warnings
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._checkpoint import atomic_save
 from ._params import _DTYPES, structure
 from .dequantization import VariationalDequantizer
 from .nets import ScoreMLP
@@ -170,29 +172,70 @@ def _from_json_param(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
 
+def _digest(obj: Any, h: Any) -> None:
+    """Feed a canonical serialisation of a nested blob (tensors by dtype, shape, bytes) to ``h``."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)}".encode())
+        for key in sorted(obj, key=str):
+            h.update(f"K{type(key).__name__}:{key}".encode())
+            _digest(obj[key], h)
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"L{type(obj).__name__}{len(obj)}".encode())
+        for value in obj:
+            _digest(value, h)
+    else:
+        h.update(f"V{json.dumps(obj)}".encode())
+
+
+def _checksum(meta: dict[str, Any], blob: dict[str, Any]) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps({k: v for k, v in meta.items() if k != "checksum"}, sort_keys=True).encode())
+    _digest(blob, h)
+    return h.hexdigest()
+
+
 def save(est: Any, path: str | os.PathLike) -> None:
-    """Write ``est`` (fitted) to ``path`` as tensors and JSON text (see the module docstring)."""
+    """Write ``est`` (fitted) to ``path`` atomically, as tensors and JSON text with a checksum."""
+    from . import __version__
+
     state = get_state(est, est.__dict__)
     blob = state.pop("_network_blob")
     state["sde_"] = _sde_config(est.sde_)
     meta = {
         "format_version": FORMAT_VERSION,
         "class": type(est).__name__,
+        "skscoreflow_version": __version__,
+        "torch_version": torch.__version__,
         "params": _jsonable(est.get_params()),
         "fitted": _jsonable({k: v for k, v in state.items() if k.endswith("_")}),
     }
-    torch.save({"meta": json.dumps(meta), "network": blob}, path)
+    meta["checksum"] = _checksum(meta, blob)
+    atomic_save({"meta": json.dumps(meta), "network": blob}, path)
 
 
 def load(cls: type, path: str | os.PathLike) -> Any:
-    """Read a file written by :func:`save` with ``weights_only`` loading."""
+    """Read a file written by :func:`save` (``weights_only``: no code runs).
+
+    Anything but an intact model file (a directory, a torn or altered file, a pickle, a file of
+    a newer format or of another class) gives a ``ValueError`` naming the problem; a missing
+    file gives ``FileNotFoundError``.
+    """
+    if os.path.isdir(path):
+        raise ValueError(f"{path!s} is a directory, not a skscoreflow model file")
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except OSError:
+        with warnings.catch_warnings():  # torch's own remarks on a file it then refuses
+            warnings.simplefilter("ignore", UserWarning)
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
         raise
-    except Exception as exc:  # not a torch file, or one holding more than tensors
+    except Exception as exc:  # torn, not a torch file, or one holding more than tensors
         raise ValueError(
-            f"{path!s} is not a skscoreflow model file (torch.load failed: {type(exc).__name__})"
+            f"{path!s} is not a readable skscoreflow model file (torch.load failed: "
+            f"{type(exc).__name__})"
         ) from exc
     if not isinstance(data, dict) or "meta" not in data or "network" not in data:
         raise ValueError(f"{path!s} is not a skscoreflow model file")
@@ -200,23 +243,36 @@ def load(cls: type, path: str | os.PathLike) -> Any:
         meta = json.loads(data["meta"])
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{path!s} is not a skscoreflow model file (bad metadata)") from exc
-    if not isinstance(meta, dict):
+    if not isinstance(meta, dict) or not isinstance(data["network"], dict):
         raise ValueError(f"{path!s} is not a skscoreflow model file (bad metadata)")
     if meta.get("class") != cls.__name__:
         raise ValueError(f"{path!s} holds a {meta.get('class')!r}, not a {cls.__name__}")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
+    version = meta.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ValueError(f"{path!s} is not a skscoreflow model file (bad format version)")
+    if version > FORMAT_VERSION:
         raise ValueError(
-            f"{path!s} was written by a newer skscoreflow (format {meta['format_version']}); "
-            "upgrade to load it"
+            f"{path!s} was written by a newer skscoreflow (format {version}); upgrade to load it"
         )
-    params = {k: _from_json_param(v) for k, v in meta["params"].items()}
-    est = cls(**params)
-    state = dict(meta["fitted"])
-    for key in _ARRAYS:
-        if state.get(key) is not None:
-            dtype = object if key == "feature_names_in_" else np.float64
-            state[key] = np.asarray(state[key], dtype=dtype)
-    state["_network_blob"] = data["network"]
-    est.__setstate__(state)
-    est._fitted_structure = structure(est)
+    # Files since format 2 carry a checksum of their content (format 1 files have none); an
+    # altered key must not turn the check off, so any file that has one is checked too.
+    if (version >= 2 or "checksum" in meta) and meta.get("checksum") != _checksum(
+        meta, data["network"]
+    ):
+        raise ValueError(f"{path!s} is corrupted (its content does not match its checksum)")
+    try:
+        params = {k: _from_json_param(v) for k, v in meta["params"].items()}
+        est = cls(**params)
+        state = dict(meta["fitted"])
+        for key in _ARRAYS:
+            if state.get(key) is not None:
+                dtype = object if key == "feature_names_in_" else np.float64
+                state[key] = np.asarray(state[key], dtype=dtype)
+        state["_network_blob"] = data["network"]
+        est.__setstate__(state)
+        est._fitted_structure = structure(est)
+    except Exception as exc:  # well-formed but inconsistent content
+        raise ValueError(
+            f"{path!s} is not a valid skscoreflow model file ({type(exc).__name__}: {exc})"
+        ) from exc
     return est

@@ -191,6 +191,11 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from ._estimator import ScoreFlowDensity
 
     X, columns = _load_data(args.data, args.n_samples, args.data_seed)
+    # Before a possibly long fit: the model must be writable where it was asked for.
+    folder = os.path.dirname(os.path.abspath(args.output))
+    if os.path.isdir(args.output) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise CLIError(f"{args.output}: cannot write the model there (no such writable folder, "
+                       "or it is a folder)")
     try:
         est = ScoreFlowDensity(**_collect_params(args))
         if columns is not None:
@@ -199,7 +204,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
             est.fit(pd.DataFrame(X, columns=columns))
         else:
             est.fit(X)
-    except (ValueError, TypeError, FloatingPointError) as exc:
+    except (ValueError, TypeError, FloatingPointError, RuntimeError) as exc:
         raise CLIError(f"fit failed: {exc}") from exc
     try:
         est.save(args.output)
@@ -338,7 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="skscoreflow",
         description="Score-based diffusion density estimation (ScoreFlow) from the shell.",
     )
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="progress output")
+    noise = parser.add_mutually_exclusive_group()
+    noise.add_argument("-v", "--verbose", action="count", default=1,
+                       help="more output (progress is on by default)")
+    noise.add_argument("-q", "--quiet", action="store_const", const=0, dest="verbose",
+                       help="no progress output")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def data_opts(p: argparse.ArgumentParser) -> None:
@@ -380,6 +389,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _log_to_stderr(verbose: int) -> None:
+    """Progress and validation lines of the "skscoreflow" logger go to stderr (not with -q)."""
+    import logging
+
+    logger = logging.getLogger("skscoreflow")
+    for handler in list(logger.handlers):
+        if getattr(handler, "_skscoreflow_cli", False):
+            logger.removeHandler(handler)
+    if verbose <= 0:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("skscoreflow: %(message)s"))
+    handler._skscoreflow_cli = True  # type: ignore[attr-defined]
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``skscoreflow`` console script; returns the exit code.
 
@@ -406,6 +432,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
+    _log_to_stderr(args.verbose)
     try:
         return int(args.func(args))
     except CLIError as exc:

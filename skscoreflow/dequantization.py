@@ -258,6 +258,10 @@ def train_dequantizer(
     generator: torch.Generator | None = None,
     state: TrainState | None = None,
     verbose: int = 0,
+    callback: Callable[[TrainState], None] | None = None,
+    checkpoint: Callable[[dict[str, Any]], None] | None = None,
+    checkpoint_every: int = 1000,
+    resume: dict[str, Any] | None = None,
 ) -> TrainState:
     """Train ``q_phi(u | x)`` with the score model frozen (ScoreFlow's sequential schedule).
 
@@ -265,7 +269,7 @@ def train_dequantizer(
     (reparameterised), an upper bound on ``-log P(x)``.  It runs in the package's one training
     loop (the one behind :func:`~skscoreflow.training.train_score_model`): mini-batches drawn
     epoch by epoch, linear warm-up then cosine decay, gradient clipping, an EMA of the weights
-    and the non-finite-loss guard.
+    and the non-finite-loss guard, with the same checkpoints, resume and clean interruption.
 
     Parameters
     ----------
@@ -296,7 +300,16 @@ def train_dequantizer(
     state : TrainState, optional
         Continue from this state instead of creating a new optimizer and EMA.
     verbose : int
-        ``> 0`` shows a progress bar (tqdm, when installed).
+        ``> 0`` shows progress.
+    callback : callable, optional
+        ``callback(state)`` after every step (as for
+        :func:`~skscoreflow.training.train_score_model`).
+    checkpoint : callable, optional
+        ``checkpoint(loop_state)`` every ``checkpoint_every`` steps and at an interrupt.
+    checkpoint_every : int
+        Steps between checkpoints.
+    resume : dict, optional
+        A ``loop_state`` from ``checkpoint`` to continue from.
 
     Returns
     -------
@@ -341,6 +354,10 @@ def train_dequantizer(
         state=state,
         verbose=verbose,
         name="dequantizer",
+        callback=callback,
+        checkpoint=checkpoint,
+        checkpoint_every=checkpoint_every,
+        resume=resume,
     )
 
 
@@ -428,6 +445,7 @@ def _fit_to_score_model(
     max_iter: int,
     seed: int,
     verbose: int = 0,
+    **loop_kwargs: Any,
 ) -> TrainState:
     """Build and train ``q(u | x)`` for integer rows ``X`` against a frozen score model.
 
@@ -455,4 +473,5 @@ def _fit_to_score_model(
         max_iter=max_iter,
         generator=torch.Generator(device=X.device).manual_seed(seed + 1),
         verbose=verbose,
+        **loop_kwargs,  # callback, checkpoint, checkpoint_every, resume
     )

@@ -57,6 +57,36 @@ _DIVERGENCES = ("auto", "exact", "hutchinson")
 _PROBES = ("rademacher", "gaussian")
 #: ``divergence="auto"`` uses the exact trace up to this many dimensions.
 _EXACT_MAX_DIM = 16
+#: torchdiffeq's adaptive methods (the ones that take ``max_num_steps``).
+_ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
+#: Default cap on the steps of one adaptive solve: far above what a trained model needs
+#: (tens of steps), low enough that a diverging solve fails in seconds instead of hanging.
+_MAX_NUM_STEPS = 10_000
+
+
+def _odeint(
+    fn: Callable[..., Any],
+    state0: Any,
+    times: Tensor,
+    *,
+    rtol: float,
+    atol: float,
+    method: str,
+    options: dict[str, Any] | None,
+    max_num_steps: int | None,
+    what: str,
+) -> Any:
+    """``torchdiffeq.odeint`` with a step cap, its failures as a ``RuntimeError`` naming ``what``."""
+    if method in _ADAPTIVE_METHODS and max_num_steps is not None:
+        options = {"max_num_steps": int(max_num_steps), **(options or {})}
+    try:
+        return odeint(fn, state0, times, rtol=rtol, atol=atol, method=method, options=options)
+    except AssertionError as exc:  # torchdiffeq reports step-size underflow and the cap so
+        raise RuntimeError(
+            f"the ODE solver failed on {what} ({exc}): the network output is not finite or "
+            "the rows lie far outside the data it was trained on; a larger atol or a "
+            "fixed-step solver may help"
+        ) from exc
 
 
 @dataclass
@@ -277,6 +307,7 @@ def ode_log_likelihood(
     chunk_size: int | None = None,
     generator: torch.Generator | None = None,
     return_info: bool = False,
+    max_num_steps: int | None = _MAX_NUM_STEPS,
 ) -> Tensor | tuple[Tensor, ODEInfo]:
     """Per-row log-density (nats) of the probability-flow ODE model.
 
@@ -311,6 +342,9 @@ def ode_log_likelihood(
         are reproducible).
     return_info : bool
         Also return an :class:`ODEInfo` with the function-evaluation counts.
+    max_num_steps : int or None, default=10000
+        Cap on the steps of each adaptive solve (None: no cap); exceeding it, or a step-size
+        underflow, raises a ``RuntimeError`` naming the rows instead of running on.
 
     Returns
     -------
@@ -378,8 +412,9 @@ def ode_log_likelihood(
 
         state0 = (xc, torch.zeros(m, dtype=x.dtype, device=x.device))
         with torch.no_grad():
-            xs, delta = odeint(
-                ode_fn, state0, times, rtol=rtol, atol=atol, method=method, options=options
+            xs, delta = _odeint(
+                ode_fn, state0, times, rtol=rtol, atol=atol, method=method, options=options,
+                max_num_steps=max_num_steps, what=f"rows {start}..{start + m - 1}",
             )
         x_T, delta_T = xs[-1], delta[-1]
         plp = sde.prior_log_prob(x_T)

@@ -28,8 +28,7 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor
-from torchdiffeq import odeint
-
+from .likelihood import _MAX_NUM_STEPS, _odeint
 from .sde import SDE
 
 __all__ = ["sde_sample", "ode_sample"]
@@ -189,6 +188,7 @@ def ode_sample(
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
+    max_num_steps: int | None = _MAX_NUM_STEPS,
 ) -> Tensor:
     """Probability-flow ODE sampling from ``T`` to ``eps``, then the denoising step.
 
@@ -220,6 +220,9 @@ def ode_sample(
         Device of the samples.
     dtype : torch.dtype, default=torch.float32
         Floating-point type of the samples.
+    max_num_steps : int or None, default=10000
+        Cap on the solver's steps (None: no cap); see
+        :func:`~skscoreflow.likelihood.ode_log_likelihood`.
 
     Returns
     -------
@@ -245,7 +248,10 @@ def ode_sample(
         return sde.ode_drift(xs, tt, score_fn(xs, tt))
 
     times = torch.tensor([sde.T, eps], dtype=dtype, device=device)
-    x = odeint(ode_fn, x, times, rtol=rtol, atol=atol, method=method, options=options)[-1]
+    x = _odeint(
+        ode_fn, x, times, rtol=rtol, atol=atol, method=method, options=options,
+        max_num_steps=max_num_steps, what="the sampling ODE",
+    )[-1]
     if denoise_final:
         x = _denoise(score_fn, x, sde, eps)
     return x

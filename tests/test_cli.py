@@ -11,6 +11,8 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from numpy.testing import assert_allclose, assert_array_equal
 from sklearn.datasets import make_moons
 
@@ -292,3 +294,101 @@ def test_layer_size_flags_parse_as_tuples():
     )
     assert args.hidden_layer_sizes == (32, 16)
     assert args.dequantizer_hidden_layer_sizes == (8, 8)
+
+
+# ----------------------------------------------------------------------------- progress
+def test_fit_shows_progress_by_default_and_q_silences_it(workdir, capsys):
+    out = workdir / "progress.pt"
+    assert main(["fit", str(workdir / "train.csv"), "-o", str(out), *TINY_OPTS]) == 0
+    err = capsys.readouterr().err
+    assert "training: step 30/30 (100%), loss" in err and "elapsed" in err and "left" in err
+    assert main(["-q", "fit", str(workdir / "train.csv"), "-o", str(out), *TINY_OPTS]) == 0
+    err = capsys.readouterr().err
+    assert "training: step" not in err and "fitted 150 rows" in err
+
+
+def test_python_api_stays_silent(workdir, capsys):
+    X = pd.read_csv(workdir / "train.csv").to_numpy()
+    ScoreFlowDensity(max_iter=5, hidden_layer_sizes=(8,), random_state=0).fit(X)
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""
+
+
+# ----------------------------------------------------------------------------- fuzzing
+_OPTION_VALUES = {
+    "--max-iter": ["1", "2", "0", "-3", "x", "1e3"],
+    "--hidden-layer-sizes": ["8", "4,4", "0", ",", "a,b"],
+    "--sde": ["vp", "subvp", "VP", "nope", ""],
+    "--eps": ["0.01", "0", "2", "nan", "inf"],
+    "--batch-size": ["16", "0", "-1"],
+    "--dequantization": ["uniform", "variational", "none", "bogus"],
+    "--n-samples": ["20", "0", "-5", "abc"],
+    "-n": ["3", "0", "-1", "x"],
+    "--seed": ["0", "-1", "x"],
+    "--method": ["ode", "sde", "bad"],
+}
+
+
+@pytest.fixture(scope="module")
+def fuzz_files(workdir, model):
+    d = workdir / "fuzz"
+    d.mkdir(exist_ok=True)
+    (d / "random.bin").write_bytes(np.random.default_rng(1).bytes(512))
+    (d / "ints.csv").write_text("a,b\n1,2\n3,4\n5,6\n0,1\n")
+    np.save(d / "arr.npy", np.random.default_rng(2).normal(size=(30, 2)))
+    np.save(d / "arr3d.npy", np.zeros((2, 2, 2)))
+    (d / "nonutf8.csv").write_bytes(b"a,b\n\xff\xfe,1\n")
+    return {
+        "data": [str(workdir / "train.csv"), str(workdir / "text.csv"), str(workdir / "empty.csv"),
+                 str(workdir / "missing_value.csv"), str(d / "random.bin"), str(d / "ints.csv"),
+                 str(d / "arr.npy"), str(d / "arr3d.npy"), str(d / "nonutf8.csv"), "moons",
+                 str(d / "absent.csv"), str(d)],
+        "model": [str(model), str(d / "random.bin"), str(workdir / "train.csv"), str(d),
+                  str(d / "absent.pt")],
+        "out": [str(d / "out.csv"), str(d / "out.npy"), str(d / "m.pt"), str(d / "no" / "o.csv"),
+                str(d)],
+    }
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=st.data())
+def test_fuzzed_command_lines_fail_cleanly(fuzz_files, data, capsys):
+    """Any argument list: exit code 0, 2 (usage) or 3 (data/model), never a traceback; the
+    library's own errors are one line."""
+    command = data.draw(st.sampled_from(["fit", "score", "sample", "bogus", ""]))
+    argv = [command] if command else []
+    if command == "fit":
+        argv += [data.draw(st.sampled_from(fuzz_files["data"])), "-o",
+                 data.draw(st.sampled_from(fuzz_files["out"])), "--max-iter", "1",
+                 "--hidden-layer-sizes", "4"]
+        keys = ["--max-iter", "--hidden-layer-sizes", "--sde", "--eps", "--batch-size",
+                "--dequantization", "--n-samples"]
+    elif command == "score":
+        argv += [data.draw(st.sampled_from(fuzz_files["model"])),
+                 data.draw(st.sampled_from(fuzz_files["data"])), "--n-samples", "20",
+                 "-o", data.draw(st.sampled_from(fuzz_files["out"]))]
+        keys = ["--n-samples"]
+    elif command == "sample":
+        argv += [data.draw(st.sampled_from(fuzz_files["model"])), "-o",
+                 data.draw(st.sampled_from(fuzz_files["out"]))]
+        keys = ["-n", "--seed", "--method"]
+    else:
+        keys = list(_OPTION_VALUES)
+    for key in data.draw(st.lists(st.sampled_from(keys), max_size=3)):
+        argv += [key, data.draw(st.sampled_from(_OPTION_VALUES[key]))]
+    if command == "sample" and "-n" not in argv:
+        argv += ["-n", "3"]
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse: usage errors exit with 2
+        code = exc.code
+    err = capsys.readouterr().err
+    from hypothesis import event
+
+    event(f"exit code {code}")
+    assert code in (0, 2, 3), (argv, code, err)
+    assert "Traceback" not in err, (argv, err)
+    errors = [ln for ln in err.splitlines() if ln.startswith("skscoreflow ") and ": error: " in ln]
+    if code == 3:
+        assert len(errors) == 1, (argv, err)

@@ -1,0 +1,230 @@
+"""Checkpoints of :meth:`ScoreFlowDensity.fit <skscoreflow.ScoreFlowDensity.fit>`.
+
+With ``checkpoint_path`` set, ``fit`` writes the whole training state every ``checkpoint_every``
+steps, at the switch from the score model to the variational dequantizer, and at an interrupt:
+the loop state of the running phase (weights, EMA, optimizer, RNG streams, batch position,
+curves, validation state), the finished score model once the dequantizer trains, what ``fit``
+derived from the data (standardisation, ``eps_``, ...) and its seed.  Files are written
+atomically (a temporary file in the same folder, ``fsync``, ``os.replace``), so a crash never
+leaves a torn checkpoint, and read with ``torch.load(weights_only=True)``.
+
+A later ``fit`` with the same ``checkpoint_path``, parameters and data resumes from the file
+(on the CPU the result equals the uninterrupted fit bit for bit) and deletes it when it
+completes.  A file written for other parameters or data is refused with a ``ValueError``
+rather than silently overwritten or resumed.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+__all__: list[str] = []
+
+FILE_NAME = "skscoreflow-checkpoint.pt"
+FORMAT = 1
+#: Parameters that do not change what ``fit`` computes.
+_NOT_FINGERPRINTED = ("verbose", "checkpoint_path", "checkpoint_every")
+#: Fitted attributes ``fit`` derives from the parameters and the data before training.
+_DERIVED = ("mean_", "scale_", "data_min_", "data_max_", "eps_", "fourier_features_")
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save(obj, path)`` that never leaves a partly written ``path`` behind.
+
+    The bytes go to a temporary file in the same folder, are flushed to disk, and replace
+    ``path`` in one ``os.replace``; a crash at any point leaves the old file (or none).
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(errno.ENOENT, "no such folder", str(path.parent))
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory descriptors
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:  # pragma: no cover - filesystems that refuse it
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+def _data_digest(X: np.ndarray, feature_names: Any) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps([list(X.shape), str(X.dtype), _jsonable(feature_names)]).encode())
+    h.update(np.ascontiguousarray(X).tobytes())
+    return h.hexdigest()
+
+
+def _jsonable(obj: Any) -> Any:
+    from ._persistence import _jsonable as jsonable
+
+    return jsonable(obj)
+
+
+def _fingerprint_value(value: Any) -> Any:
+    """A parameter as JSON; an SDE instance (built-in or a user's class) by class and config."""
+    from .sde import SDE
+
+    if isinstance(value, SDE):
+        cls = type(value)
+        return {"sde": f"{cls.__module__}.{cls.__qualname__}", "config": _jsonable(value.config())}
+    return _jsonable(value)
+
+
+class FitCheckpoint:
+    """The checkpoint file of one ``fit`` call: where it lives, what it must match, its state.
+
+    Parameters
+    ----------
+    est : ScoreFlowDensity
+        The estimator being fitted (its parameters and ``checkpoint_path``).
+    X : ndarray
+        The validated training data.
+    start_n_iter : int
+        Steps the network had before this fit (non-zero under ``warm_start``).
+    """
+
+    def __init__(self, est: Any, X: np.ndarray, start_n_iter: int) -> None:
+        path = Path(est.checkpoint_path)
+        if path.is_dir() or str(est.checkpoint_path).endswith(os.sep):
+            path.mkdir(parents=True, exist_ok=True)
+            path = path / FILE_NAME
+        if not path.parent.is_dir():  # fail now, not at the first checkpoint of a long fit
+            raise ValueError(
+                f"checkpoint_path={str(est.checkpoint_path)!r}: the folder {str(path.parent)!r} "
+                "does not exist"
+            )
+        self.path = path
+        params = {k: v for k, v in est.get_params().items() if k not in _NOT_FINGERPRINTED}
+        self.fingerprint = {
+            "params": {k: _fingerprint_value(v) for k, v in params.items()},
+            "data": _data_digest(X, getattr(est, "feature_names_in_", None)),
+            "start_n_iter": int(start_n_iter),
+        }
+        self.payload = self._load()
+
+    def _load(self) -> dict[str, Any] | None:
+        if not self.path.exists():
+            return None
+        try:
+            payload = torch.load(self.path, map_location="cpu", weights_only=True)
+            meta = json.loads(payload["meta"])
+        except Exception as exc:  # a torn or foreign file: refuse, never guess
+            raise ValueError(
+                f"checkpoint_path {str(self.path)!r} holds no readable skscoreflow checkpoint "
+                f"({type(exc).__name__}); delete it or choose another checkpoint_path"
+            ) from exc
+        if meta.get("format") != FORMAT or meta.get("fingerprint") != self.fingerprint:
+            changed = [
+                k for k in self.fingerprint
+                if (meta.get("fingerprint") or {}).get(k) != self.fingerprint[k]
+            ]
+            raise ValueError(
+                f"the checkpoint at {str(self.path)!r} was written by a fit with other "
+                f"{' and '.join(changed) or 'format'}; delete it or choose another "
+                "checkpoint_path to start afresh"
+            )
+        payload["meta"] = meta
+        return payload
+
+    # ---------------------------------------------------------------- reading a resumed fit
+    @property
+    def phase(self) -> str | None:
+        """"score" or "dequantizer" when resuming, None for a fresh fit."""
+        return None if self.payload is None else self.payload["meta"]["phase"]
+
+    def seed(self, default: int) -> int:
+        """The resumed fit's seed (so its split and initialisation match), else ``default``."""
+        return default if self.payload is None else int(self.payload["meta"]["seed"])
+
+    def restore_derived(self, est: Any) -> None:
+        """Set what ``fit`` derived before training, exactly as the interrupted fit had it."""
+        for key, value in self.payload["derived"].items():
+            if isinstance(value, torch.Tensor):
+                value = value.numpy()
+            setattr(est, key, value)
+
+    def loop(self, phase: str) -> dict[str, Any] | None:
+        """The loop state to resume ``phase`` from (None: that phase starts afresh)."""
+        if self.payload is None or self.phase != phase:
+            return None
+        return self.payload.get("loop")
+
+    def score_state(self, est: Any) -> Any:
+        """The finished score model's ``TrainState`` of a checkpoint in the dequantizer phase."""
+        from ._persistence import _restore_network
+
+        score = self.payload["score"]
+        _, state = _restore_network(
+            score["blob"], est.sde_, est.device_, est._torch_dtype, est.learning_rate
+        )
+        info = json.loads(score["info"])
+        for key, value in info.items():
+            setattr(state, key, value)
+        state.best_state = score.get("best_state")
+        return state
+
+    # ---------------------------------------------------------------- writing
+    def writer(
+        self, est: Any, seed: int, phase: str, score_state: Any = None
+    ) -> Callable[[dict[str, Any] | None], None]:
+        """``write(loop_state)``: a checkpoint of ``phase`` at that loop state."""
+        from ._persistence import _network_blob
+
+        meta = {"format": FORMAT, "fingerprint": self.fingerprint, "phase": phase, "seed": seed}
+        derived = {}
+        for key in _DERIVED:
+            value = getattr(est, key)
+            derived[key] = torch.from_numpy(np.array(value)) if isinstance(value, np.ndarray) else value
+        score = None
+        if score_state is not None:
+            info = {
+                k: getattr(score_state, k)
+                for k in ("validation_scores", "validation_iters", "best_validation_score",
+                          "stopped_early", "interrupted", "fit_time")
+            }
+            score = {
+                "blob": _network_blob(score_state.ema_model, score_state),
+                "info": json.dumps(info),
+                "best_state": score_state.best_state,
+            }
+
+        def write(loop_state: dict[str, Any] | None) -> None:
+            payload = {"meta": json.dumps(meta), "derived": derived, "loop": loop_state}
+            if score is not None:
+                payload["score"] = score
+            atomic_save(payload, self.path)
+
+        return write
+
+    def loop_kwargs(self, est: Any, seed: int, phase: str, score_state: Any = None) -> dict[str, Any]:
+        """The training loop's ``checkpoint``, ``checkpoint_every`` and ``resume`` for ``phase``."""
+        write = self.writer(est, seed, phase, score_state)
+        resume = self.loop(phase)
+        if phase == "dequantizer" and resume is None:
+            write(None)  # the score model is done: never train it again on resume
+        return {"checkpoint": write, "checkpoint_every": int(est.checkpoint_every), "resume": resume}
+
+    def remove(self) -> None:
+        """Delete the file (the fit it belonged to has completed)."""
+        self.path.unlink(missing_ok=True)
