@@ -29,7 +29,8 @@ import torch
 
 __all__: list[str] = []
 
-FILE_NAME = "skscoreflow-checkpoint.pt"
+FILE_STEM = "skscoreflow-checkpoint"
+FILE_NAME = f"{FILE_STEM}.pt"
 FORMAT = 1
 #: Parameters that do not change what ``fit`` computes.
 _NOT_FINGERPRINTED = ("verbose", "checkpoint_path", "checkpoint_every")
@@ -71,7 +72,7 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
 def _data_digest(X: np.ndarray, feature_names: Any) -> str:
     h = hashlib.sha256()
     h.update(json.dumps([list(X.shape), str(X.dtype), _jsonable(feature_names)]).encode())
-    h.update(np.ascontiguousarray(X).tobytes())
+    h.update(np.ascontiguousarray(X).data)  # hashed in place, no copy of the data
     return h.hexdigest()
 
 
@@ -105,23 +106,74 @@ class FitCheckpoint:
     """
 
     def __init__(self, est: Any, X: np.ndarray, start_n_iter: int) -> None:
-        path = Path(est.checkpoint_path)
-        if path.is_dir() or str(est.checkpoint_path).endswith(os.sep):
-            path.mkdir(parents=True, exist_ok=True)
-            path = path / FILE_NAME
-        if not path.parent.is_dir():  # fail now, not at the first checkpoint of a long fit
-            raise ValueError(
-                f"checkpoint_path={str(est.checkpoint_path)!r}: the folder {str(path.parent)!r} "
-                "does not exist"
-            )
-        self.path = path
+        from ._params import resolve_device
+
         params = {k: v for k, v in est.get_params().items() if k not in _NOT_FINGERPRINTED}
         self.fingerprint = {
             "params": {k: _fingerprint_value(v) for k, v in params.items()},
             "data": _data_digest(X, getattr(est, "feature_names_in_", None)),
             "start_n_iter": int(start_n_iter),
+            "device": resolve_device(est.device).type,
         }
-        self.payload = self._load()
+        digest = hashlib.sha256(json.dumps(self.fingerprint, sort_keys=True).encode())
+        self.path = self.file(est, digest.hexdigest()[:16])
+        if not self.path.parent.is_dir():  # fail now, not at the first checkpoint of a long fit
+            raise ValueError(
+                f"checkpoint_path={str(est.checkpoint_path)!r}: the folder "
+                f"{str(self.path.parent)!r} does not exist"
+            )
+        self._lock()
+        try:
+            self.payload = self._load()
+        except BaseException:
+            self.release()
+            raise
+
+    @staticmethod
+    def file(est: Any, digest: str | None = None) -> Path:
+        """The checkpoint file: ``checkpoint_path`` itself, or in a folder one file per fit
+        (parameters and data), so that fits sharing a folder (a grid search) never collide."""
+        path = Path(est.checkpoint_path)
+        if not (path.is_dir() or str(est.checkpoint_path).endswith(os.sep)):
+            return path
+        path.mkdir(parents=True, exist_ok=True)
+        return path / (FILE_NAME if digest is None else f"{FILE_STEM}-{digest}.pt")
+
+    @staticmethod
+    def exists(est: Any) -> bool:
+        """Whether ``est`` has a checkpoint on disk (in a folder: any of its fits')."""
+        if est.checkpoint_path is None:
+            return False
+        path = Path(est.checkpoint_path)
+        if path.is_dir():
+            return any(path.glob(f"{FILE_STEM}-*.pt"))
+        return path.exists()
+
+    def _lock(self) -> None:
+        """Hold an exclusive lock on the checkpoint while fitting (released when the process
+        ends, however it ends): two fits never write one checkpoint."""
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows: no advisory locks
+            self._lock_file = None
+            return
+        self._lock_file = open(f"{self.path}.lock", "a")  # noqa: SIM115 - held for the fit
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock_file.close()
+            self._lock_file = None
+            raise ValueError(
+                f"the checkpoint {str(self.path)!r} is in use by another running fit; give "
+                "each concurrent fit its own checkpoint_path (or one folder)"
+            ) from None
+
+    def release(self) -> None:
+        """Drop the lock (the fit is over)."""
+        if getattr(self, "_lock_file", None) is not None:
+            self._lock_file.close()
+            Path(f"{self.path}.lock").unlink(missing_ok=True)
+            self._lock_file = None
 
     def _load(self) -> dict[str, Any] | None:
         if not self.path.exists():

@@ -25,6 +25,7 @@ from .dequantization import (
 from .likelihood import _EXACT_MAX_DIM, _resolve_divergence, ode_log_likelihood
 from .metrics import bits_per_dim
 from .sampling import _SAMPLERS
+from ._loop import _deferred_interrupt
 from .training import NonFiniteLossError, train_score_model
 
 __all__ = ["ScoreFlowDensity"]
@@ -111,9 +112,9 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
     verbose : int, default=0
         ``> 0``: progress (a tqdm bar on a terminal, else lines on the "skscoreflow" logger).
     checkpoint_path : str, path-like or None, default=None
-        File (or existing folder) where ``fit`` keeps a checkpoint of the whole training state,
-        written atomically; a later ``fit`` with the same parameters and data resumes from it
-        (bit for bit on the CPU) and deletes it on completion.  None: no checkpoints.
+        File, or folder (one file per fit), where ``fit`` keeps a checkpoint of the whole
+        training state, written atomically; a later ``fit`` with the same parameters and data
+        resumes from it (bit for bit on the CPU) and deletes it on completion.  None: none.
     checkpoint_every : int, default=1000
         Optimizer steps between checkpoints (also written at Ctrl-C and between phases).
 
@@ -288,6 +289,12 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
             "dequantizer_hidden_layer_sizes", self.dequantizer_hidden_layer_sizes
         )
         warm = self.warm_start and hasattr(self, "network_")
+        start_n_iter = self.n_iter_ if warm else 0
+        # An interrupted fit of this very estimator is resumed as the fit it was (its fitted
+        # attributes have moved on, its checkpoint has not).
+        pending = getattr(self, "_interrupted_fit", None)
+        if pending is not None and FitCheckpoint.exists(self):
+            warm, start_n_iter = pending
         X = validate_data(
             self, X, dtype=[np.float64, np.float32], ensure_min_samples=2, reset=not warm
         )
@@ -297,65 +304,76 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
             _check_integer_valued(X, getattr(self, "feature_names_in_", None))
         ckpt = None
         if self.checkpoint_path is not None:
-            ckpt = FitCheckpoint(self, X, self.n_iter_ if warm else 0)
-        seed = _params.seed_from(self.random_state)
-        seed = seed if ckpt is None else ckpt.seed(seed)
-        if not warm:
-            _params.derive(self, X)
-        if ckpt is not None and ckpt.phase is not None:
-            ckpt.restore_derived(self)
-        train_idx, val_idx = _params.split(self, X.shape[0], np.random.default_rng(seed))
+            ckpt = FitCheckpoint(self, X, start_n_iter)
+        try:
+            seed = _params.seed_from(self.random_state)
+            seed = seed if ckpt is None else ckpt.seed(seed)
+            if not warm:
+                _params.derive(self, X)
+            if ckpt is not None and ckpt.phase is not None:
+                ckpt.restore_derived(self)
+            train_idx, val_idx = _params.split(self, X.shape[0], np.random.default_rng(seed))
 
-        st = self._standardizer
-        batch_transform = None
-        if self.dequantization is None:
-            X_train = self._to_tensor(st.transform(X[train_idx]))
-        else:
-            # Fresh uniform dequantization noise for every mini-batch (the score model is
-            # trained on uniformly dequantized data for both dequantization modes).
-            X_train = self._to_tensor(X[train_idx])
-
-            def batch_transform(batch: Tensor, g: torch.Generator) -> Tensor:
-                return st.transform(batch + _uniform_dequantize(batch, g)[0])
-
-        def loop_kwargs(phase: str, score_state: Any = None) -> dict[str, Any]:
-            return {} if ckpt is None else ckpt.loop_kwargs(self, seed, phase, score_state)
-
-        with fit_threads():
-            if ckpt is not None and ckpt.phase == "dequantizer":
-                state = ckpt.score_state(self)
+            st = self._standardizer
+            batch_transform = None
+            if self.dequantization is None:
+                X_train = self._to_tensor(st.transform(X[train_idx]))
             else:
-                if warm:
-                    net, state_in = self._train_state.model, self._train_state
+                # Fresh uniform dequantization noise for every mini-batch (the score model is
+                # trained on uniformly dequantized data for both dequantization modes).
+                X_train = self._to_tensor(X[train_idx])
+
+                def batch_transform(batch: Tensor, g: torch.Generator) -> Tensor:
+                    return st.transform(batch + _uniform_dequantize(batch, g)[0])
+
+            def loop_kwargs(phase: str, score_state: Any = None) -> dict[str, Any]:
+                return {} if ckpt is None else ckpt.loop_kwargs(self, seed, phase, score_state)
+
+            with fit_threads(), _deferred_interrupt() as interrupt_pending:
+                if ckpt is not None and ckpt.phase == "dequantizer":
+                    state = ckpt.score_state(self)
                 else:
-                    net, state_in = _params.new_network(self, sizes, seed), None
-                validation_fn = None if val_idx is None else _params.validation_fn(self, X[val_idx], seed)
-                try:
-                    state = train_score_model(
-                        net, X_train, self.sde_, eps=self.eps_, generator=self._generator(seed),
-                        batch_transform=batch_transform, validation_fn=validation_fn,
-                        state=state_in, **_params.training_kwargs(self), **loop_kwargs("score"),
+                    if warm:
+                        net, state_in = self._train_state.model, self._train_state
+                    else:
+                        net, state_in = _params.new_network(self, sizes, seed), None
+                    validation_fn = (
+                        None if val_idx is None else _params.validation_fn(self, X[val_idx], seed)
                     )
-                except NonFiniteLossError:
-                    if warm:  # the continued state holds the last good weights: keep it whole
-                        _params.set_score_state(self, self._train_state, warn=False)
-                    raise
-            _params.set_score_state(self, state)
-            deq_state = None
-            if self.dequantization == "variational" and not state.interrupted:
-                deq_state = _fit_to_score_model(
-                    self.network_, self.sde_, self.eps_, st.transform,
-                    self._to_tensor(X[train_idx]), hidden_layer_sizes=deq_sizes,
-                    n_couplings=int(self.dequantizer_n_couplings),
-                    max_iter=int(self.dequantizer_max_iter), seed=seed + 3,
-                    verbose=int(self.verbose), **loop_kwargs("dequantizer", state),
-                )
-                self.dequantizer_ = deq_state.ema_model
-                self.dequantizer_loss_curve_ = list(deq_state.loss_curve)
-        if state.interrupted or (deq_state is not None and deq_state.interrupted):
-            _params.interrupted(self, state, deq_state, ckpt)
-        elif ckpt is not None:
-            ckpt.remove()
+                    try:
+                        state = train_score_model(
+                            net, X_train, self.sde_, eps=self.eps_, generator=self._generator(seed),
+                            batch_transform=batch_transform, validation_fn=validation_fn,
+                            state=state_in, **_params.training_kwargs(self), **loop_kwargs("score"),
+                        )
+                    except NonFiniteLossError:
+                        if warm:  # the continued state holds the last good weights: keep it whole
+                            _params.set_score_state(self, self._train_state, warn=False)
+                        raise
+                _params.set_score_state(self, state)
+                # A Ctrl-C held between the phases ends the fit before the dequantizer.
+                state.interrupted = state.interrupted or interrupt_pending(consume=True)
+                deq_state = None
+                if self.dequantization == "variational" and not state.interrupted:
+                    deq_state = _fit_to_score_model(
+                        self.network_, self.sde_, self.eps_, st.transform,
+                        self._to_tensor(X[train_idx]), hidden_layer_sizes=deq_sizes,
+                        n_couplings=int(self.dequantizer_n_couplings),
+                        max_iter=int(self.dequantizer_max_iter), seed=seed + 3,
+                        verbose=int(self.verbose), **loop_kwargs("dequantizer", state),
+                    )
+                    self.dequantizer_ = deq_state.ema_model
+                    self.dequantizer_loss_curve_ = list(deq_state.loss_curve)
+                    deq_state.interrupted = deq_state.interrupted or interrupt_pending(consume=True)
+            self._interrupted_fit = None
+            if state.interrupted or (deq_state is not None and deq_state.interrupted):
+                self._interrupted_fit = (warm, start_n_iter)
+                _params.interrupted(self, state, deq_state, ckpt)
+            elif ckpt is not None:
+                ckpt.remove()
+        finally:
+            if ckpt is not None:
+                ckpt.release()
         return self
 
     # ------------------------------------------------------------------ evaluation

@@ -226,11 +226,32 @@ def _seeded_global_rng(seed: int, device: torch.device) -> Iterator[None]:
         yield
 
 
-class _Progress:
-    """Progress of a training run: a tqdm bar on a terminal, else periodic log lines.
+def _say(message: str) -> None:
+    """A progress line: to the "skscoreflow" logger when anything handles it, else stderr."""
+    import sys
 
-    Lines go to the "skscoreflow" logger (the command line prints them to stderr): step,
-    loss, elapsed time and an estimate of the time left, at most every ``interval`` seconds.
+    log = logger
+    while log is not None:
+        if any(not isinstance(h, logging.NullHandler) for h in log.handlers):
+            logger.info(message)
+            return
+        log = log.parent if log.propagate else None
+    print(f"skscoreflow: {message}", file=sys.stderr, flush=True)
+
+
+def _tqdm_wanted() -> bool:
+    """A tqdm bar where it renders: a terminal, or a notebook (whose stderr is no terminal)."""
+    import sys
+
+    return sys.stderr.isatty() or "ipykernel" in sys.modules
+
+
+class _Progress:
+    """Progress of a training run: a tqdm bar on a terminal or in a notebook, else lines.
+
+    Lines (step, loss, elapsed time and an estimate of the time left, at most every
+    ``interval`` seconds) go to the "skscoreflow" logger when it has a handler (the command
+    line installs one), else to stderr.
     """
 
     def __init__(self, total: int, verbose: int, name: str, start: int = 0,
@@ -240,17 +261,13 @@ class _Progress:
         self.enabled = verbose > 0
         self.t0 = self.last = time.perf_counter()
         self.start = start
-        if not self.enabled:
+        if not self.enabled or not _tqdm_wanted():
             return
         try:
-            import sys
-
             from tqdm.auto import tqdm
-
-            if sys.stderr.isatty():
-                self.bar = tqdm(total=total, initial=start, desc=f"skscoreflow {name}", leave=False)
-        except ImportError:  # optional dependency: fall back to log lines
-            pass
+        except ImportError:  # optional dependency: fall back to lines
+            return
+        self.bar = tqdm(total=total, initial=start, desc=f"skscoreflow {name}", leave=False)
 
     def update(self, step: int, loss: float) -> None:
         if not self.enabled:
@@ -267,9 +284,9 @@ class _Progress:
         elapsed = now - self.t0
         rate = (step - self.start) / max(elapsed, 1e-9)
         left = (self.total - step) / rate if rate > 0 else math.inf
-        logger.info(
-            "%s: step %d/%d (%d%%), loss %.4f, %s elapsed, ~%s left", self.name, step,
-            self.total, 100 * step // self.total, loss, _duration(elapsed), _duration(left),
+        _say(
+            f"{self.name}: step {step}/{self.total} ({100 * step // self.total}%), loss "
+            f"{loss:.4f}, {_duration(elapsed)} elapsed, ~{_duration(left)} left"
         )
 
     def close(self) -> None:
@@ -287,35 +304,58 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-@contextlib.contextmanager
-def _deferred_interrupt() -> Iterator[Callable[[], bool]]:
-    """Hold Ctrl-C (SIGINT) until the current training step has finished.
+class _Interrupts:
+    """Ctrl-C (SIGINT) held to safe points, shared by nested blocks (a fit and its loops)."""
 
-    Yields a function telling whether an interrupt is pending.  A second Ctrl-C interrupts at
-    once.  Only the main thread can install signal handlers; elsewhere the block runs as is and
-    a ``KeyboardInterrupt`` arrives wherever it is raised.
+    depth = 0
+    pending = False
+    previous: Any = None
+
+
+@contextlib.contextmanager
+def _deferred_interrupt() -> Iterator[Callable[[bool], bool]]:
+    """Hold Ctrl-C until the running training step (or fit phase) has finished.
+
+    Yields ``pending(consume=False)``: whether an interrupt arrived (``consume`` clears it,
+    for the block that acts on it).  A second Ctrl-C interrupts at once.  The outermost block
+    installs the handler and restores the previous one; nested blocks share it, so an
+    interrupt between two loops of one fit is not lost.  Nothing is installed outside the main
+    thread (a ``KeyboardInterrupt`` then arrives where it is raised) or where SIGINT is ignored.
     """
     import signal
     import threading
 
-    pending = [False]
-    if threading.current_thread() is not threading.main_thread():
-        yield lambda: pending[0]
-        return
-    previous = signal.getsignal(signal.SIGINT)
-    if previous is None:  # installed outside Python: restore the default afterwards
-        previous = signal.default_int_handler
+    def pending(consume: bool = False) -> bool:
+        hit = _Interrupts.pending
+        if consume:
+            _Interrupts.pending = False
+        return hit
 
-    def handler(signum: int, frame: Any) -> None:
-        if pending[0]:
-            raise KeyboardInterrupt
-        pending[0] = True
+    if _Interrupts.depth == 0:
+        if threading.current_thread() is not threading.main_thread():
+            yield lambda consume=False: False
+            return
+        previous = signal.getsignal(signal.SIGINT)
+        if previous is signal.SIG_IGN:  # e.g. a background job: Ctrl-C is not ours to take
+            yield lambda consume=False: False
+            return
 
-    signal.signal(signal.SIGINT, handler)
+        def handler(signum: int, frame: Any) -> None:
+            if _Interrupts.pending:
+                raise KeyboardInterrupt
+            _Interrupts.pending = True
+
+        # None: a handler installed outside Python; restore the default afterwards.
+        _Interrupts.previous = signal.default_int_handler if previous is None else previous
+        _Interrupts.pending = False
+        signal.signal(signal.SIGINT, handler)
+    _Interrupts.depth += 1
     try:
-        yield lambda: pending[0]
+        yield pending
     finally:
-        signal.signal(signal.SIGINT, previous)
+        _Interrupts.depth -= 1
+        if _Interrupts.depth == 0:
+            signal.signal(signal.SIGINT, _Interrupts.previous)
 
 
 def _cpu_copy(obj: Any) -> Any:
@@ -404,6 +444,8 @@ def _optimize(
         state = TrainState(model=model, ema_model=ema_model, optimizer=optimizer)
     optimizer = state.optimizer
     ema_model = state.ema_model
+    # Flags of this run (a continued state may carry them from an earlier one).
+    state.interrupted = state.stopped_early = False
 
     first, no_improve, pos = 0, 0, 0
     perm = torch.randperm(n, generator=generator, device=X.device)
@@ -500,7 +542,7 @@ def _optimize(
                     completed = it + 1
                     if callback is not None:
                         callback(state)
-                    if interrupt_pending():
+                    if interrupt_pending(consume=True):
                         raise KeyboardInterrupt
                     if checkpoint is not None and (it + 1) % checkpoint_every == 0 and not last:
                         checkpoint(loop_state(it + 1))
@@ -513,6 +555,8 @@ def _optimize(
                     if checkpoint is not None and completed == it + 1:
                         checkpoint(loop_state(completed))
                     break
+            if interrupt_pending(consume=True):  # held through a step that ended the run
+                state.interrupted = True
     finally:
         progress.close()
     if early_stopping and state.best_state is not None:

@@ -4,9 +4,9 @@ torch starts with one intra-op thread per core of the machine, ignoring a contai
 (cgroups), and every fit running in one process shares that setting.  A fit therefore uses at
 most the cores it can actually run on (CPU affinity and cgroup quota), never more than torch was
 set to (``torch.set_num_threads``, ``OMP_NUM_THREADS``; joblib's loky workers set the latter to
-their share of the cores), and fits running concurrently in one process (threads, e.g. joblib's
-threading backend) split that budget between them.  The setting is restored when the last fit
-ends.  ``SKSCOREFLOW_THREADS`` overrides it: an int fixes the budget, ``"torch"`` leaves torch's
+their share of the cores), and a fit that starts while others run in the same process (threads,
+e.g. joblib's threading backend) takes its share of that budget.  Each fit restores its thread's
+setting when it ends.  ``SKSCOREFLOW_THREADS`` overrides it: an int fixes the budget, ``"torch"`` leaves torch's
 setting alone (the behaviour before this policy).
 """
 
@@ -25,7 +25,6 @@ __all__: list[str] = []
 
 _lock = threading.Lock()
 _active = 0
-_saved = 1
 
 
 def _cgroup_cpus() -> float | None:
@@ -55,31 +54,35 @@ def effective_cpus() -> int:
     return max(1, n)
 
 
-def _budget() -> int | None:
+def _budget(current: int) -> int | None:
     mode = os.environ.get("SKSCOREFLOW_THREADS", "auto").strip().lower()
     if mode == "torch":
         return None
     if mode.isdigit() and int(mode) > 0:
         return int(mode)
-    return min(_saved, effective_cpus())
+    return min(current, effective_cpus())
 
 
 @contextlib.contextmanager
 def fit_threads() -> Iterator[int]:
-    """Run a fit with its share of the thread budget; yields the number of threads set."""
-    global _active, _saved
+    """Run a fit with its share of the thread budget; yields the number of threads set.
+
+    torch's thread setting belongs to the calling thread, so each fit sets (and afterwards
+    restores) its own: a fit that starts while others run in the process takes
+    ``budget // (fits running)``, fits already running keep theirs.
+    """
+    global _active
+    current = torch.get_num_threads()
+    budget = _budget(current)
     with _lock:
-        if _active == 0:
-            _saved = torch.get_num_threads()
-        budget = _budget()
         _active += 1
-        if budget is not None:
-            torch.set_num_threads(max(1, budget // _active))
-        threads = torch.get_num_threads()
+        share = None if budget is None else max(1, budget // _active)
+    if share is not None:
+        torch.set_num_threads(share)
     try:
-        yield threads
+        yield torch.get_num_threads()
     finally:
+        if share is not None:
+            torch.set_num_threads(current)
         with _lock:
             _active -= 1
-            if budget is not None:
-                torch.set_num_threads(_saved if _active == 0 else max(1, budget // _active))

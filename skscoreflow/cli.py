@@ -17,7 +17,7 @@ import inspect
 import os
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -25,6 +25,7 @@ __all__ = ["main"]
 
 EXIT_USAGE = 2
 EXIT_DATA = 3
+EXIT_INTERRUPTED = 130  # the shell's code for a program stopped by Ctrl-C
 
 
 class CLIError(Exception):
@@ -227,7 +228,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         X = pd.DataFrame(X, columns=columns)
     try:
         logp = est.bound(X) if args.bound else est.score_samples(X)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, RuntimeError, FloatingPointError) as exc:
         raise CLIError(f"score failed: {exc}") from exc
     _write_table(args.output, {"log_density": logp})
     print(f"mean log-likelihood: {logp.mean():.5f} nats ({len(logp)} rows)", file=sys.stderr)
@@ -240,7 +241,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise CLIError(f"-n must be a positive int, got {args.n}", EXIT_USAGE)
     try:
         S = est.sample(args.n, random_state=args.seed, method=args.method)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, RuntimeError, FloatingPointError) as exc:
         raise CLIError(f"sample failed: {exc}") from exc
     names = getattr(est, "feature_names_in_", None)
     cols = [str(c) for c in names] if names is not None else [f"x{i}" for i in range(S.shape[1])]
@@ -389,21 +390,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _log_to_stderr(verbose: int) -> None:
-    """Progress and validation lines of the "skscoreflow" logger go to stderr (not with -q)."""
+def _log_to_stderr(verbose: int) -> Callable[[], None]:
+    """Progress and validation lines of the "skscoreflow" logger go to stderr (not with -q);
+    returns the function that undoes it (``main`` leaves the logger as it found it)."""
     import logging
 
     logger = logging.getLogger("skscoreflow")
-    for handler in list(logger.handlers):
-        if getattr(handler, "_skscoreflow_cli", False):
-            logger.removeHandler(handler)
     if verbose <= 0:
-        return
+        return lambda: None
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("skscoreflow: %(message)s"))
-    handler._skscoreflow_cli = True  # type: ignore[attr-defined]
+    level = logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
+
+    def restore() -> None:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+    return restore
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -417,7 +422,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns
     -------
     int
-        0 on success, 2 for a usage error, 3 for a data or model error.
+        0 on success, 2 for a usage error, 3 for a data or model error, 130 after Ctrl-C.
 
     Examples
     --------
@@ -432,7 +437,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
-    _log_to_stderr(args.verbose)
+    restore = _log_to_stderr(args.verbose)
     try:
         return int(args.func(args))
     except CLIError as exc:
@@ -440,6 +445,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = " ".join(str(exc).split())
         print(f"skscoreflow {args.command}: error: {message}", file=sys.stderr)
         return exc.code
+    except KeyboardInterrupt:  # fit has already stopped cleanly and said where (a warning)
+        print(f"skscoreflow {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        restore()
 
 
 if __name__ == "__main__":  # pragma: no cover

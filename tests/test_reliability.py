@@ -106,7 +106,7 @@ def test_resume_in_the_dequantizer_phase_skips_the_score_model(D, tmp_path, monk
         _inject(m, dequantization_module, "train_dequantizer", 25, Crash())
         with pytest.raises(Crash):
             est.fit(D)
-    assert (folder / "skscoreflow-checkpoint.pt").exists()
+    assert len(list(folder.glob("skscoreflow-checkpoint-*.pt"))) == 1
     calls = []
     real = estimator_module.train_score_model
     monkeypatch.setattr(estimator_module, "train_score_model",
@@ -398,10 +398,22 @@ def test_thread_policy_caps_and_shares_the_budget(monkeypatch):
     monkeypatch.delenv("SKSCOREFLOW_THREADS", raising=False)
     with fit_threads() as n1:
         assert n1 == max(1, min(before, effective_cpus()))
-        with fit_threads() as n2:  # a second concurrent fit: the budget is shared
-            assert n2 == max(1, min(before, effective_cpus()) // 2)
+        with fit_threads() as n2:  # a second concurrent fit takes its share
+            assert n2 == max(1, min(n1, effective_cpus()) // 2)
         assert torch.get_num_threads() == n1
     assert torch.get_num_threads() == before
+    seen = []
+
+    def other_thread():
+        with fit_threads():
+            seen.append(torch.get_num_threads())
+
+    t = threading.Thread(target=other_thread)
+    with fit_threads():
+        t.start()
+        t.join()
+    assert seen == [max(1, min(torch.get_num_threads(), effective_cpus()) // 2)]
+    assert torch.get_num_threads() == before  # each fit restores its own thread's setting
     monkeypatch.setenv("SKSCOREFLOW_THREADS", "torch")
     with fit_threads() as n:
         assert n == before
@@ -456,3 +468,99 @@ def test_a_failed_warm_start_keeps_the_last_good_weights_consistently(X, monkeyp
     assert est.n_iter_ == 13 and len(est.loss_curve_) == 13
     assert all(torch.isfinite(p).all() for p in est.network_.parameters())  # EMA of good steps
     assert np.isfinite(est.score_samples(X[:5])).all()
+
+
+
+def test_a_second_warm_start_after_an_interrupt_is_not_interrupted(X, monkeypatch):
+    monkeypatch.setattr(params_module, "_interactive", lambda: True)
+    est = ScoreFlowDensity(**dict(TINY, max_iter=20, warm_start=True))
+    with monkeypatch.context() as m:
+        _inject(m, estimator_module, "train_score_model", 7, KeyboardInterrupt())
+        with pytest.warns(UserWarning, match="interrupted"):
+            est.fit(X)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "interrupted" warning from a completed fit
+        est.fit(X)
+    assert est.n_iter_ == 27
+
+
+def test_an_interrupted_warm_start_fit_resumes_in_the_same_process(X, tmp_path, monkeypatch):
+    monkeypatch.setattr(params_module, "_interactive", lambda: True)
+    params = dict(TINY, max_iter=30, warm_start=True)
+    reference = ScoreFlowDensity(**params).fit(X)
+    est = ScoreFlowDensity(**params, checkpoint_path=str(tmp_path), checkpoint_every=10)
+    with monkeypatch.context() as m:
+        _inject(m, estimator_module, "train_score_model", 17, KeyboardInterrupt())
+        with pytest.warns(UserWarning, match="after step 17"):
+            est.fit(X)
+    est.fit(X)  # the same estimator: resumes the interrupted first fit
+    _same_model(est, reference, X)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fits_sharing_a_folder_get_their_own_checkpoints(X, tmp_path, monkeypatch):
+    for lr in (1e-3, 2e-3):
+        with monkeypatch.context() as m:
+            _inject(m, estimator_module, "train_score_model", 15, Crash())
+            with pytest.raises(Crash):
+                ScoreFlowDensity(**TINY, max_iter=30, learning_rate=lr, checkpoint_every=10,
+                                 checkpoint_path=str(tmp_path)).fit(X)
+    files = sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".pt")
+    assert len(files) == 2 and all(f.startswith("skscoreflow-checkpoint-") for f in files)
+    ScoreFlowDensity(**TINY, max_iter=30, learning_rate=1e-3, checkpoint_every=10,
+                     checkpoint_path=str(tmp_path)).fit(X)
+    assert len([p for p in tmp_path.iterdir() if p.suffix == ".pt"]) == 1
+
+
+def test_a_checkpoint_in_use_is_refused(X, tmp_path):
+    from skscoreflow._checkpoint import FitCheckpoint
+
+    est = ScoreFlowDensity(**TINY, max_iter=5, checkpoint_path=str(tmp_path / "c.pt"))
+    est._validate_params()
+    holder = FitCheckpoint(est, X, 0)  # a fit of these data holds the file
+    try:
+        with pytest.raises(ValueError, match="in use by another running fit"):
+            est.fit(X)
+    finally:
+        holder.release()
+    est.fit(X)  # free again
+
+
+def test_cli_ctrl_c_and_solver_failures_are_one_line(tmp_path, X, monkeypatch, capsys):
+    from skscoreflow.cli import main
+
+    est = ScoreFlowDensity(**dict(TINY, max_iter=5)).fit(X)
+    with torch.no_grad():
+        est.network_.out.bias.fill_(float("nan"))  # a model whose network gives NaN
+    est.save(tmp_path / "bad.pt")
+    np.savetxt(tmp_path / "x.csv", X[:5], delimiter=",", header="a,b", comments="")
+    for argv in (["score", str(tmp_path / "bad.pt"), str(tmp_path / "x.csv")],
+                 ["score", str(tmp_path / "bad.pt"), str(tmp_path / "x.csv"), "--bound"],
+                 ["sample", str(tmp_path / "bad.pt"), "-n", "3"]):
+        assert main(argv) == 3
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        assert len(err) == 1 and "failed" in err[0], err
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ScoreFlowDensity, "fit", interrupt)
+    code = main(["-q", "fit", "moons", "--n-samples", "50", "-o", str(tmp_path / "m.pt")])
+    assert code == 130
+    assert capsys.readouterr().err.strip() == "skscoreflow fit: interrupted"
+
+
+def test_load_refuses_unusual_content_with_value_error(saved, tmp_path):
+    import json
+
+    data = torch.load(io.BytesIO(saved[1]), weights_only=True)
+    data["network"]["extra"] = {1, 2}  # a set: weights_only allows it, no model file has one
+    torch.save(data, tmp_path / "odd.pt")
+    with pytest.raises(ValueError, match="corrupted"):
+        ScoreFlowDensity.load(tmp_path / "odd.pt")
+    meta = json.loads(data["meta"])
+    del meta["format_version"]
+    data["meta"] = json.dumps(meta)
+    torch.save(data, tmp_path / "noversion.pt")
+    with pytest.raises(ValueError, match="bad format version"):
+        ScoreFlowDensity.load(tmp_path / "noversion.pt")
