@@ -33,7 +33,9 @@ FILE_STEM = "skscoreflow-checkpoint"
 FILE_NAME = f"{FILE_STEM}.pt"
 FORMAT = 1
 #: Parameters that do not change what ``fit`` computes.
-_NOT_FINGERPRINTED = ("verbose", "checkpoint_path", "checkpoint_every")
+# A fit does not depend on the number of processes: a checkpoint of a distributed fit resumes
+# on any number of them.
+_NOT_FINGERPRINTED = ("verbose", "checkpoint_path", "checkpoint_every", "distributed")
 #: Fitted attributes ``fit`` derives from the parameters and the data before training.
 _DERIVED = ("mean_", "scale_", "data_min_", "data_max_", "eps_", "fourier_features_")
 
@@ -103,15 +105,47 @@ class FitCheckpoint:
         The validated training data.
     start_n_iter : int
         Steps the network had before this fit (non-zero under ``warm_start``).
+    digest : str, optional
+        The data's digest when already computed (the chunked scan of out-of-core data).
     """
 
-    def __init__(self, est: Any, X: np.ndarray, start_n_iter: int) -> None:
+    follower = False  # a rank > 0 of a distributed fit: reads rank 0's payload, writes nothing
+
+    @classmethod
+    def open(cls, est: Any, X: Any, start_n_iter: int, group: Any = None,
+             digest: str | None = None) -> "FitCheckpoint":
+        """The fit's checkpoint; in a distributed fit only rank 0 touches the file and every
+        rank gets its payload (or its error) through a broadcast."""
+        if group is None:
+            return cls(est, X, start_n_iter, digest)
+        ckpt, error = None, None
+        if group.is_main:
+            try:
+                ckpt = cls(est, X, start_n_iter, digest)
+            except (ValueError, OSError) as exc:
+                error = exc
+        shared = group.broadcast_object(
+            (str(error), type(error).__name__) if error is not None
+            else (None, (ckpt.path, ckpt.payload))
+        )
+        if shared[0] is not None:
+            if error is not None:
+                raise error
+            raise ValueError(f"rank 0 could not open the checkpoint: {shared[0]}")
+        if group.is_main:
+            return ckpt
+        follower = cls.__new__(cls)
+        follower.follower, follower._lock_file = True, None
+        follower.path, follower.payload = shared[1]
+        return follower
+
+    def __init__(self, est: Any, X: Any, start_n_iter: int, digest: str | None = None) -> None:
         from ._params import resolve_device
 
         params = {k: v for k, v in est.get_params().items() if k not in _NOT_FINGERPRINTED}
         self.fingerprint = {
             "params": {k: _fingerprint_value(v) for k, v in params.items()},
-            "data": _data_digest(X, getattr(est, "feature_names_in_", None)),
+            "data": digest or _data_digest(X, getattr(est, "feature_names_in_", None)),
             "start_n_iter": int(start_n_iter),
             "device": resolve_device(est.device).type,
         }
@@ -262,6 +296,8 @@ class FitCheckpoint:
             }
 
         def write(loop_state: dict[str, Any] | None) -> None:
+            if self.follower:
+                return
             payload = {"meta": json.dumps(meta), "derived": derived, "loop": loop_state}
             if score is not None:
                 payload["score"] = score
@@ -275,8 +311,10 @@ class FitCheckpoint:
         resume = self.loop(phase)
         if phase == "dequantizer" and resume is None:
             write(None)  # the score model is done: never train it again on resume
-        return {"checkpoint": write, "checkpoint_every": int(est.checkpoint_every), "resume": resume}
+        return {"checkpoint": None if self.follower else write,
+                "checkpoint_every": int(est.checkpoint_every), "resume": resume}
 
     def remove(self) -> None:
         """Delete the file (the fit it belonged to has completed)."""
-        self.path.unlink(missing_ok=True)
+        if not self.follower:
+            self.path.unlink(missing_ok=True)

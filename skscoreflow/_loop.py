@@ -170,16 +170,17 @@ def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
 
 
 @contextlib.contextmanager
-def _global_rng_from(generator: torch.Generator, device: torch.device) -> Any:
+def _global_rng_from(generator: torch.Generator, device: torch.device, rank: int = 0) -> Any:
     """Run a block with the global RNG of ``device`` seeded from ``generator``, then restore it.
 
     Modules that draw from the global RNG (``nn.Dropout``) then become reproducible from
     ``generator`` and leave the caller's global RNG untouched.  The seed is drawn from a copy
-    of ``generator``, so ``generator``'s own stream (batches, times, noise) is unchanged.
+    of ``generator``, so ``generator``'s own stream (batches, times, noise) is unchanged; each
+    rank of a distributed fit offsets it by its rank (its rows get their own dropout masks).
     """
     probe = torch.Generator(device=generator.device)
     probe.set_state(generator.get_state())
-    seed = int(torch.randint(0, 2**62, (1,), generator=probe, device=generator.device))
+    seed = int(torch.randint(0, 2**62, (1,), generator=probe, device=generator.device)) + rank
     with _seeded_global_rng(seed, device):
         yield
 
@@ -382,10 +383,15 @@ def _set_global_rng_states(states: dict[str, Tensor], device: torch.device) -> N
         torch.cuda.set_rng_state(states["cuda"], device)
 
 
+def _take(X: Any, idx: Tensor) -> Tensor:
+    """Rows ``idx`` of the training data: a tensor, or a row source read batch by batch."""
+    return X[idx] if isinstance(X, Tensor) else X.take(idx)
+
+
 def _optimize(
     model: nn.Module,
-    X: Tensor,
-    loss_fn: Callable[[nn.Module, Tensor, torch.Generator], Tensor],
+    X: Any,
+    loss_fn: Callable[[nn.Module, Tensor, torch.Generator, slice], Tensor],
     *,
     max_iter: int,
     batch_size: int,
@@ -407,12 +413,30 @@ def _optimize(
     checkpoint: Callable[[dict[str, Any]], None] | None = None,
     checkpoint_every: int = 1000,
     resume: dict[str, Any] | None = None,
+    group: Any = None,
+    shard: bool = True,
+    shuffle: bool = True,
+    schedule: tuple[int, int] | None = None,
 ) -> TrainState:
-    """The one optimisation loop: ``max_iter`` steps of ``loss_fn(model, batch, generator)``.
+    """The one optimisation loop: ``max_iter`` steps of ``loss_fn(model, batch, generator, rows)``.
 
     Mini-batches are drawn without replacement, epoch by epoch, from a permutation of the rows
-    drawn from ``generator``; ``loss_fn`` draws its own noise from the same generator, so a
-    seeded generator makes the whole run reproducible.  Modules drawing from the global RNG
+    drawn from ``generator``; ``loss_fn`` draws its own noise from the same generator, for the
+    whole batch, and returns the per-row losses of the rows ``rows`` of the batch, so a seeded
+    generator makes the whole run reproducible.  ``X`` is a tensor or a row source with
+    ``shape`` and ``take(indices)`` (out-of-core data, read one batch at a time).
+
+    With a process ``group`` (:mod:`skscoreflow._distributed`) every rank draws the same batches
+    and noise; ``shard=True`` trains data-parallel (DDP; rank ``r`` computes rows ``r::W`` of the
+    global batch and the gradients are averaged), ``shard=False`` replicates the computation on
+    every rank (rank 0's weights are broadcast at the end).  Either way the run does not depend
+    on the number of ranks, and every rank stops at the same step (losses, interrupts and
+    validation scores are agreed through collectives); only the caller decides who logs and
+    writes checkpoints.
+
+    ``shuffle=False`` takes the rows in order (no permutation is drawn); ``schedule=(offset,
+    total)`` evaluates the learning-rate schedule of a ``total``-step run from step ``offset``
+    (``partial_fit``: one schedule across calls).  Modules drawing from the global RNG
     (``nn.Dropout``) run under a global RNG seeded from (a copy of) ``generator`` and restored
     afterwards.
 
@@ -429,8 +453,18 @@ def _optimize(
     if n < 1:
         raise ValueError("cannot train on an empty data set")
     batch_size = min(int(batch_size), n)
+    device = X.device
     if generator is None:
-        generator = torch.Generator(device=X.device).manual_seed(0)
+        generator = torch.Generator(device=device).manual_seed(0)
+    world = 1 if group is None else group.world_size
+    rank = 0 if group is None else group.rank
+    sharded = group is not None and shard
+    if sharded and batch_size < world:
+        raise ValueError(
+            f"distributed fit: batch_size={batch_size} (the global batch) is smaller than the "
+            f"{world} processes; every process needs at least one row per step"
+        )
+    rows = slice(rank, None, world) if sharded else slice(None)
     if early_stopping and validation_fn is None:
         raise ValueError("early_stopping needs a validation_fn")
 
@@ -448,7 +482,13 @@ def _optimize(
     state.interrupted = state.stopped_early = False
 
     first, no_improve, pos = 0, 0, 0
-    perm = torch.randperm(n, generator=generator, device=X.device)
+    def permutation() -> Tensor:
+        if not shuffle:
+            return torch.arange(n, device=device)
+        return torch.randperm(n, generator=generator, device=device)
+
+    offset, total = (0, max_iter) if schedule is None else schedule
+    perm = permutation()
     if resume is not None:
         if resume["max_iter"] != max_iter or resume["n_rows"] != n:
             raise ValueError(
@@ -456,7 +496,7 @@ def _optimize(
                 f"{resume['n_rows']} rows, not {max_iter} steps on {n} rows"
             )
         first, no_improve, pos = resume["step"], resume["no_improve"], resume["pos"]
-        perm = resume["perm"].to(X.device)
+        perm = resume["perm"].to(device)
         generator.set_state(resume["generator"])
         model.load_state_dict(resume["model"])
         ema_model.load_state_dict(resume["ema"])
@@ -473,7 +513,7 @@ def _optimize(
         return _cpu_copy({
             "step": step, "max_iter": max_iter, "n_rows": n, "perm": perm, "pos": pos,
             "no_improve": no_improve, "generator": generator.get_state(),
-            "global_rng": _global_rng_states(X.device), "model": model.state_dict(),
+            "global_rng": _global_rng_states(device), "model": model.state_dict(),
             "ema": ema_model.state_dict(), "optimizer": optimizer.state_dict(),
             "n_iter": state.n_iter, "loss_curve": list(state.loss_curve),
             "validation_scores": list(state.validation_scores),
@@ -484,28 +524,45 @@ def _optimize(
         })
 
     progress = _Progress(max_iter, verbose, name, start=first)
-    model.train()
+    # The training forward passes go through DDP (wrapped after any resumed weights are in);
+    # everything else uses the plain module.
+    train_model = group.wrap(model) if sharded else model
+    train_model.train()
     try:
-        with _global_rng_from(generator, X.device), _deferred_interrupt() as interrupt_pending:
+        with _global_rng_from(generator, device, rank), _deferred_interrupt() as interrupt_pending:
             if resume is not None:
                 # Dropout's global stream, exactly where the interrupted run left it.
-                _set_global_rng_states(resume["global_rng"], X.device)
+                _set_global_rng_states(resume["global_rng"], device)
             completed = first  # steps of this run whose updates are all done
             for it in range(first, max_iter):
                 try:
                     if pos + batch_size > n:
-                        perm = torch.randperm(n, generator=generator, device=X.device)
+                        perm = permutation()
                         pos = 0
-                    batch = X[perm[pos : pos + batch_size]]
+                    batch = _take(X, perm[pos : pos + batch_size])
                     pos += batch_size
 
-                    lr = _learning_rate_at(it, max_iter, learning_rate, warmup)
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr
-                    loss = loss_fn(model, batch, generator)
-                    if not torch.isfinite(loss):
+                    lr = _learning_rate_at(offset + it, total, learning_rate, warmup)
+                    for param_group in optimizer.param_groups:
+                        param_group["lr"] = lr
+                    per_row = loss_fn(train_model, batch, generator, rows)
+                    stop_now = False
+                    if group is None:
+                        loss = per_row.mean()
+                        value = loss.detach()
+                    else:
+                        # DDP averages the ranks' gradients: scaling each rank's sum by W / B
+                        # makes that average the gradient of the global batch mean.
+                        loss = per_row.sum() * (world / batch_size) if sharded else per_row.mean()
+                        local = per_row.detach().sum() / batch_size if sharded else loss.detach() / world
+                        agreed = group.all_reduce_sum(
+                            torch.stack([local.double().cpu(),
+                                         torch.tensor(float(interrupt_pending()), dtype=torch.float64)])
+                        )
+                        value, stop_now = agreed[0], bool(agreed[1] > 0)
+                    if not torch.isfinite(value):
                         raise NonFiniteLossError(
-                            f"{name} loss became {loss.item()} at step {state.n_iter + 1}; try a "
+                            f"{name} loss became {value.item()} at step {state.n_iter + 1}; try a "
                             "smaller learning_rate, gradient clipping, or a larger eps"
                         )
                     optimizer.zero_grad(set_to_none=True)
@@ -518,13 +575,15 @@ def _optimize(
                     decay = min(ema_decay, (1 + state.n_iter) / (10 + state.n_iter))
                     _ema_update(ema_model, model, decay)
                     state.n_iter += 1
-                    state.loss_curve.append(float(loss.detach()))
+                    state.loss_curve.append(float(value))
                     progress.update(it + 1, state.loss_curve[-1])
 
                     last = it == max_iter - 1
                     if validation_fn is not None and ((it + 1) % validation_interval == 0 or last):
                         ema_model.eval()
                         score = float(validation_fn(ema_model))
+                        if group is not None:  # one decision for all ranks: rank 0's score
+                            score = float(group.broadcast_object(score))
                         state.validation_scores.append(score)
                         state.validation_iters.append(state.n_iter)
                         if verbose > 0:
@@ -542,7 +601,10 @@ def _optimize(
                     completed = it + 1
                     if callback is not None:
                         callback(state)
-                    if interrupt_pending(consume=True):
+                    # Distributed: only an interrupt every rank agreed on at this step counts
+                    # (a rank stopping alone would hang the others' next collective).
+                    if (interrupt_pending(consume=True) if group is None else stop_now):
+                        interrupt_pending(consume=True)
                         raise KeyboardInterrupt
                     if checkpoint is not None and (it + 1) % checkpoint_every == 0 and not last:
                         checkpoint(loop_state(it + 1))
@@ -555,12 +617,18 @@ def _optimize(
                     if checkpoint is not None and completed == it + 1:
                         checkpoint(loop_state(completed))
                     break
-            if interrupt_pending(consume=True):  # held through a step that ended the run
+            if group is None and interrupt_pending(consume=True):  # held through the last step
                 state.interrupted = True
     finally:
         progress.close()
+        del train_model  # the DDP wrapper holds the process group: never let it outlive fit
     if early_stopping and state.best_state is not None:
         ema_model.load_state_dict(state.best_state)
+    if group is not None and not sharded:
+        # Replicated training is identical on every rank up to non-deterministic kernels:
+        # rank 0's weights make it exact.
+        group.broadcast_module(model)
+        group.broadcast_module(ema_model)
     ema_model.eval()
     state.fit_time = fit_time0 + time.perf_counter() - start
     return state

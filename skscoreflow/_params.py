@@ -93,6 +93,9 @@ PARAMETER_CONSTRAINTS: dict[str, list[Any]] = {
     "verbose": ["verbose"],
     "checkpoint_path": [str, os.PathLike, None],
     "checkpoint_every": [_positive_int],
+    "shuffle": ["boolean"],
+    "standardize": ["boolean"],
+    "distributed": ["boolean", StrOptions({"auto"})],
 }
 
 SAMPLE_CONSTRAINTS: dict[str, list[Any]] = {
@@ -170,6 +173,7 @@ def structure(est: Any) -> dict[str, Any]:
         "fourier_features": fourier_count(est.fourier_features, est.n_features_in_),
         "fourier_scale": float(est.fourier_scale),
         "dequantization": est.dequantization,
+        "standardize": bool(est.standardize),
         "dtype": est.dtype,
         "device": str(est.device),
     }
@@ -286,7 +290,7 @@ def new_network(est: Any, sizes: tuple[int, ...], seed: int) -> torch.nn.Module:
     return net.to(device=est.device_, dtype=_DTYPES[est.dtype])
 
 
-def derive(est: Any, X: np.ndarray) -> None:
+def derive(est: Any, X: Any, summary: dict[str, Any] | None = None) -> None:
     """What the first ``fit`` derives from the parameters and the data (device, SDE, cutoff,
     Fourier count, standardisation, integer range)."""
     from ._preprocessing import Standardizer
@@ -299,11 +303,21 @@ def derive(est: Any, X: np.ndarray) -> None:
         eps = est.sde_.continuous_eps
     est.eps_ = est.sde_._resolve_eps(eps)
     est.fourier_features_ = fourier_count(est.fourier_features, X.shape[1])
-    st = Standardizer.fit(X, dequantized=est.dequantization is not None)
-    est.mean_, est.scale_ = st.mean, st.scale
     deq = est.dequantization is not None
-    est.data_min_ = X.min(axis=0).astype(np.float64) if deq else None
-    est.data_max_ = X.max(axis=0).astype(np.float64) if deq else None
+    if summary is None:  # an in-memory array (else the chunked scan of out-of-core data)
+        from ._data import column_moments
+
+        mean, var = column_moments(X)
+        lo, hi = (X.min(axis=0), X.max(axis=0)) if deq else (None, None)
+    else:
+        mean, var, lo, hi = summary["mean"], summary["var"], summary["min"], summary["max"]
+    if est.standardize:
+        st = Standardizer.from_moments(mean, var, dequantized=deq)
+    else:
+        st = Standardizer(np.zeros(X.shape[1]), np.ones(X.shape[1]))
+    est.mean_, est.scale_ = st.mean, st.scale
+    est.data_min_ = np.asarray(lo, dtype=np.float64) if deq else None
+    est.data_max_ = np.asarray(hi, dtype=np.float64) if deq else None
 
 
 def set_score_state(est: Any, state: Any, warn: bool = True) -> None:

@@ -61,16 +61,16 @@ def _restore_network(
 ) -> tuple[torch.nn.Module, TrainState | None]:
     # The estimator's own SDE object, which may be a user's subclass.
     cfg = json.loads(blob["config"])
-    ema = ScoreMLP.from_config(cfg, sde=sde)
+    # Cast before loading: a float32-built module would round float64 weights on the way in.
+    ema = ScoreMLP.from_config(cfg, sde=sde).to(device=device, dtype=dtype)
     ema.load_state_dict(blob["ema"])
-    ema = ema.to(device=device, dtype=dtype).eval()
+    ema = ema.eval()
     for p in ema.parameters():
         p.requires_grad_(False)
     if "raw" not in blob:
         return ema, None
-    raw = ScoreMLP.from_config(cfg, sde=sde)
+    raw = ScoreMLP.from_config(cfg, sde=sde).to(device=device, dtype=dtype)
     raw.load_state_dict(blob["raw"])
-    raw = raw.to(device=device, dtype=dtype)
     optimizer = torch.optim.Adam(raw.parameters(), lr=lr)
     optimizer.load_state_dict(blob["optimizer"])
     train_state = TrainState(
@@ -86,6 +86,9 @@ def _restore_network(
 def get_state(est: Any, state: dict[str, Any]) -> dict[str, Any]:
     """The pickled state: ``state`` (a copy of ``__dict__``) with modules as a CPU blob."""
     state = dict(state)
+    # partial_fit's dequantizer optimizer: live modules (possibly CUDA); a continued
+    # partial_fit after unpickling restarts that optimizer on the same weights.
+    state.pop("_deq_state", None)
     if "network_" not in state:
         return state
     # Store CPU state dicts, never live (possibly CUDA) modules: a model trained on a GPU must
@@ -128,8 +131,9 @@ def restore_modules(est: Any, blob: dict[str, Any] | None) -> None:
         est.dequantizer_ = None
         if blob.get("dequantizer") is not None:
             deq = VariationalDequantizer(**json.loads(blob["dequantizer"]["config"]))
+            deq = deq.to(device=device, dtype=dtype)
             deq.load_state_dict(blob["dequantizer"]["state"])
-            est.dequantizer_ = deq.to(device=device, dtype=dtype).eval()
+            est.dequantizer_ = deq.eval()
 
 
 def _sde_config(sde: SDE) -> dict[str, Any]:

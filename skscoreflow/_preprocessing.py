@@ -43,12 +43,19 @@ class Standardizer:
 
     @classmethod
     def fit(cls, X: np.ndarray, *, dequantized: bool = False) -> "Standardizer":
-        """Moments of the columns of ``X`` (of ``X + u``, ``u ~ U[0, 1)``, when dequantized).
+        """Moments of the columns of ``X`` (of ``X + u``, ``u ~ U[0, 1)``, when dequantized),
+        computed in chunks of rows (``X`` may be a memmap).
 
         Constant columns keep unit scale, so the log-determinant stays finite.
         """
-        X64 = np.asarray(X).astype(np.float64, copy=False)
-        mean, var = X64.mean(axis=0), X64.var(axis=0)
+        from ._data import column_moments
+
+        return cls.from_moments(*column_moments(X), dequantized=dequantized)
+
+    @classmethod
+    def from_moments(cls, mean: np.ndarray, var: np.ndarray, *, dequantized: bool = False
+                     ) -> "Standardizer":
+        """The map from column means and variances (of the integers when ``dequantized``)."""
         if dequantized:
             # Moments of x + u with u ~ U[0, 1): shifted by 1/2, variance + 1/12.
             mean, var = mean + 0.5, var + 1.0 / 12.0

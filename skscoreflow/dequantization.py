@@ -262,6 +262,7 @@ def train_dequantizer(
     checkpoint: Callable[[dict[str, Any]], None] | None = None,
     checkpoint_every: int = 1000,
     resume: dict[str, Any] | None = None,
+    group: Any = None,
 ) -> TrainState:
     """Train ``q_phi(u | x)`` with the score model frozen (ScoreFlow's sequential schedule).
 
@@ -310,6 +311,9 @@ def train_dequantizer(
         Steps between checkpoints.
     resume : dict, optional
         A ``loop_state`` from ``checkpoint`` to continue from.
+    group : object, optional
+        A process group (internal, from the estimator's ``distributed`` parameter): the
+        training is replicated on every rank, which all end with rank 0's weights.
 
     Returns
     -------
@@ -336,9 +340,10 @@ def train_dequantizer(
     (5, False)
     """
 
-    def loss_fn(flow: nn.Module, x: Tensor, g: torch.Generator) -> Tensor:
+    def loss_fn(flow: nn.Module, x: Tensor, g: torch.Generator, rows: slice) -> Tensor:
+        # Never sharded (rows is the whole batch): a distributed fit replicates this phase.
         u, log_q = flow.sample(condition(x) if condition else x, g)
-        return (nll_fn(x, u, g) + log_q).mean()
+        return nll_fn(x, u, g) + log_q
 
     return _optimize(
         dequantizer,
@@ -358,6 +363,8 @@ def train_dequantizer(
         checkpoint=checkpoint,
         checkpoint_every=checkpoint_every,
         resume=resume,
+        group=group,
+        shard=False,
     )
 
 
@@ -445,6 +452,8 @@ def _fit_to_score_model(
     max_iter: int,
     seed: int,
     verbose: int = 0,
+    state: TrainState | None = None,
+    generator: torch.Generator | None = None,
     **loop_kwargs: Any,
 ) -> TrainState:
     """Build and train ``q(u | x)`` for integer rows ``X`` against a frozen score model.
@@ -453,10 +462,14 @@ def _fit_to_score_model(
     trained first and stays fixed; the flow minimises ``E_q[L(x + u) + log q(u | x)]`` with
     ``L`` the one-sample bound of :func:`~skscoreflow.bound.nll_bound_estimate`.  ``seed``
     seeds the flow's initialisation and its training; the caller's global RNG is untouched.
+    ``state`` continues an earlier run (``partial_fit``), with noise from ``generator``.
     """
-    with _seeded_global_rng(seed, X.device):
-        deq = VariationalDequantizer(X.shape[1], hidden_layer_sizes, n_couplings)
-    deq = deq.to(device=X.device, dtype=X.dtype)
+    if state is not None:
+        deq = state.model
+    else:
+        with _seeded_global_rng(seed, X.device):
+            deq = VariationalDequantizer(X.shape[1], hidden_layer_sizes, n_couplings)
+        deq = deq.to(device=X.device, dtype=X.dtype)
     if isinstance(score_fn, nn.Module):
         for p in score_fn.parameters():
             p.requires_grad_(False)
@@ -471,7 +484,9 @@ def _fit_to_score_model(
         nll_fn,
         condition=transform,
         max_iter=max_iter,
-        generator=torch.Generator(device=X.device).manual_seed(seed + 1),
+        generator=(torch.Generator(device=X.device).manual_seed(seed + 1)
+                   if generator is None else generator),
         verbose=verbose,
+        state=state,
         **loop_kwargs,  # callback, checkpoint, checkpoint_every, resume
     )

@@ -26,7 +26,7 @@ from ._loop import (  # noqa: F401 - re-exported helpers used across the package
     _seeded_global_rng,
 )
 from .sde import SDE
-from .weighting import _check_weighting, dsm_loss
+from .weighting import _check_weighting, _sample_time, dsm_loss
 
 __all__ = ["train_score_model", "TrainState", "NonFiniteLossError"]
 
@@ -38,7 +38,7 @@ del _cls
 
 def train_score_model(
     model: nn.Module,
-    X: Tensor,
+    X: Any,
     sde: SDE,
     *,
     weighting: str = "likelihood_is",
@@ -63,6 +63,9 @@ def train_score_model(
     checkpoint: Callable[[dict[str, Any]], None] | None = None,
     checkpoint_every: int = 1000,
     resume: dict[str, Any] | None = None,
+    group: Any = None,
+    shuffle: bool = True,
+    schedule: tuple[int, int] | None = None,
 ) -> TrainState:
     """Train a score network with the weighted denoising score-matching loss.
 
@@ -74,8 +77,9 @@ def train_score_model(
     ----------
     model : nn.Module
         ``model(x, t)`` returns the score; trained in place.
-    X : Tensor of shape (n, d)
-        Training data, already on the training device and dtype.
+    X : Tensor of shape (n, d) or row source
+        Training data, already on the training device and dtype (or an object with ``shape``,
+        ``device`` and ``take(indices) -> Tensor``, read one batch at a time).
     sde : SDE
         The forward SDE.
     weighting : {"likelihood_is", "likelihood", "score_matching"}
@@ -131,6 +135,16 @@ def train_score_model(
     resume : dict, optional
         A ``loop_state`` from ``checkpoint``: continue that run (same data, model, generator
         device and settings); on the CPU the result equals the uninterrupted run bit for bit.
+    group : object, optional
+        Train data-parallel across the ranks of this process group (internal: the estimator's
+        ``distributed`` parameter creates it); the result does not depend on the number of
+        ranks.
+    shuffle : bool
+        Draw the mini-batches from a permutation of the rows each epoch; False takes them in
+        order (no permutation is drawn).
+    schedule : tuple of (int, int), optional
+        ``(offset, total)``: follow the learning-rate schedule of a ``total``-step run from step
+        ``offset`` (default ``(0, max_iter)``); steps past ``total`` keep its final rate.
 
     Returns
     -------
@@ -160,10 +174,15 @@ def train_score_model(
     """
     _check_weighting(weighting)
 
-    def loss_fn(net: nn.Module, batch: Tensor, g: torch.Generator) -> Tensor:
+    def loss_fn(net: nn.Module, batch: Tensor, g: torch.Generator, rows: slice) -> Tensor:
         if batch_transform is not None:
             batch = batch_transform(batch, g)
-        return dsm_loss(net, batch, sde, weighting, eps, generator=g).mean()
+        # Times and noise for the whole batch, in dsm_loss's order, then this process's rows:
+        # a distributed fit draws exactly what a 1-process fit draws.
+        t = _sample_time(sde, batch.shape[0], weighting, eps, generator=g, device=batch.device,
+                         dtype=batch.dtype)
+        z = torch.randn(batch.shape, generator=g, device=batch.device, dtype=batch.dtype)
+        return dsm_loss(net, batch[rows], sde, weighting, eps, t=t[rows], z=z[rows])
 
     return _optimize(
         model,
@@ -188,4 +207,7 @@ def train_score_model(
         checkpoint=checkpoint,
         checkpoint_every=checkpoint_every,
         resume=resume,
+        group=group,
+        shuffle=shuffle,
+        schedule=schedule,
     )

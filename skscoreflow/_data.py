@@ -1,0 +1,160 @@
+"""Training data that need not fit in memory: row sources read one batch at a time.
+
+``fit`` accepts a ``numpy.memmap`` or any 2-D array-like with ``shape``, ``dtype`` and row
+indexing (``X[i:j]``, ``X[sorted_indices]``: h5py and zarr datasets, dask arrays).  Such data
+are checked and summarised in chunks of rows (finite, integer-valued when dequantized, column
+moments and range) and read by index one mini-batch at a time, so ``fit`` holds only a batch
+of rows, not the data.  Rows go through the same element-wise float64 operations as in-memory
+data, so a fit on a memmap equals the fit on the same array in memory bit for bit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["RowSource", "is_out_of_core", "read_rows", "scan", "chunks", "column_moments", "CHUNK_ROWS"]
+
+#: Rows per chunk when scanning or evaluating out-of-core data.
+CHUNK_ROWS = 65536
+
+
+def is_out_of_core(X: Any) -> bool:
+    """Whether ``fit`` reads ``X`` in chunks rather than as one in-memory array: a
+    ``numpy.memmap``, or a 2-D array-like that is not a NumPy array, tensor, DataFrame or
+    sparse matrix, with ``shape``, a NumPy ``dtype`` and row indexing."""
+    if isinstance(X, np.memmap):
+        return True
+    if isinstance(X, (np.ndarray, list, tuple, Tensor)) or hasattr(X, "iloc") or hasattr(X, "tocsr"):
+        return False
+    shape = getattr(X, "shape", None)
+    return (
+        shape is not None and len(shape) == 2 and isinstance(getattr(X, "dtype", None), np.dtype)
+        and hasattr(X, "__getitem__")
+    )
+
+
+def chunks(n: int, chunk_rows: int = CHUNK_ROWS) -> Iterator[slice]:
+    """Consecutive row slices of at most ``chunk_rows`` rows covering ``range(n)``."""
+    for start in range(0, n, chunk_rows):
+        yield slice(start, min(n, start + chunk_rows))
+
+
+def read_rows(X: Any, idx: np.ndarray) -> np.ndarray:
+    """``X[idx]`` as an in-memory array, read in increasing row order (what h5py requires and
+    what keeps a memmap's reads sequential), returned in the order of ``idx``."""
+    idx = np.asarray(idx, dtype=np.int64)
+    if isinstance(X, np.ndarray) and not isinstance(X, np.memmap):
+        return X[idx]
+    order = np.argsort(idx, kind="stable")
+    block = np.asarray(X[idx[order]])
+    out = np.empty_like(block)
+    out[order] = block
+    return out
+
+
+class _Moments:
+    """Column count, mean and sum of squared deviations, merged chunk by chunk (Chan et al.'s
+    pairwise update); one chunk gives exactly ``X.mean(0)`` and ``X.var(0)``."""
+
+    def __init__(self, d: int) -> None:
+        self.count, self.mean, self.m2, self.var1 = 0, np.zeros(d), np.zeros(d), None
+
+    def add(self, chunk: np.ndarray) -> None:
+        k = chunk.shape[0]
+        c_mean, c_var = chunk.mean(axis=0), chunk.var(axis=0)
+        if self.count == 0:
+            self.count, self.mean, self.m2, self.var1 = k, c_mean, c_var * k, c_var
+            return
+        total = self.count + k
+        delta = c_mean - self.mean
+        self.mean = self.mean + delta * (k / total)
+        self.m2 = self.m2 + c_var * k + delta**2 * (self.count * k / total)
+        self.count, self.var1 = total, None
+
+    @property
+    def var(self) -> np.ndarray:
+        return self.var1 if self.var1 is not None else self.m2 / max(self.count, 1)
+
+
+def column_moments(X: Any, chunk_rows: int = CHUNK_ROWS) -> tuple[np.ndarray, np.ndarray]:
+    """Column means and (population) variances of ``X`` in float64, one chunk of rows at a
+    time; data of a single chunk give exactly ``X.mean(0)`` and ``X.var(0)``."""
+    moments = _Moments(X.shape[1])
+    for rows in chunks(X.shape[0], chunk_rows):
+        moments.add(np.asarray(X[rows]).astype(np.float64, copy=False))
+    return moments.mean, moments.var
+
+
+def scan(
+    X: Any,
+    *,
+    check_chunk: Callable[[np.ndarray, int], None] | None = None,
+    chunk_rows: int = CHUNK_ROWS,
+) -> dict[str, Any]:
+    """One pass over out-of-core ``X``: checks each chunk and returns its summary.
+
+    Raises a ``ValueError`` naming the problem for a non-numeric dtype, fewer than 2 rows, no
+    columns, or a non-finite value (with its row); ``check_chunk(chunk, first_row)`` adds
+    checks (integer values for dequantized data).  Returns the column moments (as
+    :func:`column_moments`), minima, maxima and the data's sha256 digest (the same as that of
+    the in-memory array).
+    """
+    n, d = (int(s) for s in X.shape)
+    dtype = np.dtype(X.dtype)
+    if dtype.kind not in "fiu":
+        raise ValueError(f"out-of-core X must have a numeric dtype, got {dtype}")
+    if n < 2:
+        raise ValueError(f"Found array with {n} sample(s) (shape=({n}, {d})) while a minimum of 2 is required.")
+    if d < 1:
+        raise ValueError(f"Found array with 0 feature(s) (shape=({n}, 0)) while a minimum of 1 is required.")
+    moments = _Moments(d)
+    lo, hi = np.full(d, np.inf), np.full(d, -np.inf)
+    digest = hashlib.sha256()
+    # As the checkpoint's digest of an in-memory array: header, then the rows' bytes in order.
+    digest.update(json.dumps([[n, d], str(dtype), None]).encode())
+    for rows in chunks(n, chunk_rows):
+        chunk = np.ascontiguousarray(np.asarray(X[rows]))
+        if dtype.kind == "f" and not np.isfinite(chunk).all():
+            bad = rows.start + int(np.flatnonzero(~np.isfinite(chunk).all(axis=1))[0])
+            raise ValueError(f"Input X contains NaN or infinity (row {bad}).")
+        if check_chunk is not None:
+            check_chunk(chunk, rows.start)
+        digest.update(chunk.data)
+        c64 = chunk.astype(np.float64, copy=False)
+        moments.add(c64)
+        lo, hi = np.minimum(lo, c64.min(axis=0)), np.maximum(hi, c64.max(axis=0))
+    return {"mean": moments.mean, "var": moments.var, "min": lo, "max": hi, "digest": digest.hexdigest()}
+
+
+class RowSource:
+    """Rows of out-of-core data, read by index one mini-batch at a time.
+
+    Parameters
+    ----------
+    X : array-like of shape (n_samples, n_features)
+        The data (a memmap, h5py/zarr dataset, ...), never loaded whole.
+    rows : ndarray of int or None
+        The rows of ``X`` this source holds (training rows), in order; None: all of them.
+    prepare : callable
+        ``prepare(block) -> block`` applied (in NumPy, float64) to the rows read.
+    dtype, device
+        Of the tensors returned.
+    """
+
+    def __init__(self, X: Any, rows: np.ndarray | None, prepare: Callable[[np.ndarray], np.ndarray],
+                 dtype: torch.dtype, device: torch.device) -> None:
+        self.X, self.rows, self.prepare = X, rows, prepare
+        self.dtype, self.device = dtype, torch.device(device)
+        self.shape = (int(X.shape[0]) if rows is None else len(rows), int(X.shape[1]))
+
+    def take(self, idx: Tensor) -> Tensor:
+        """Rows ``idx`` (positions in this source) as a tensor of ``dtype`` on ``device``."""
+        pos = idx.detach().cpu().numpy()
+        block = read_rows(self.X, pos if self.rows is None else self.rows[pos])
+        return torch.tensor(self.prepare(block), dtype=self.dtype, device=self.device)
