@@ -124,10 +124,10 @@ class FitCheckpoint:
                 ckpt = cls(est, X, start_n_iter, digest)
             except (ValueError, OSError) as exc:
                 error = exc
-        shared = group.broadcast_object(
-            (str(error), type(error).__name__) if error is not None
-            else (None, (ckpt.path, ckpt.payload))
-        )
+        mine = None
+        if group.is_main:
+            mine = (str(error), None) if error is not None else (None, (ckpt.path, ckpt.payload, ckpt.fingerprint))
+        shared = group.broadcast_object(mine)
         if shared[0] is not None:
             if error is not None:
                 raise error
@@ -136,7 +136,7 @@ class FitCheckpoint:
             return ckpt
         follower = cls.__new__(cls)
         follower.follower, follower._lock_file = True, None
-        follower.path, follower.payload = shared[1]
+        follower.path, follower.payload, follower.fingerprint = shared[1]
         return follower
 
     def __init__(self, est: Any, X: Any, start_n_iter: int, digest: str | None = None) -> None:

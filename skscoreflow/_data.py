@@ -18,7 +18,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["RowSource", "is_out_of_core", "read_rows", "scan", "chunks", "column_moments", "CHUNK_ROWS"]
+__all__ = [
+    "CHUNK_ROWS", "RowSource", "chunks", "column_moments", "is_out_of_core", "read_rows", "scan",
+    "training_rows", "validated",
+]
 
 #: Rows per chunk when scanning or evaluating out-of-core data.
 CHUNK_ROWS = 65536
@@ -39,8 +42,10 @@ def is_out_of_core(X: Any) -> bool:
     )
 
 
-def chunks(n: int, chunk_rows: int = CHUNK_ROWS) -> Iterator[slice]:
-    """Consecutive row slices of at most ``chunk_rows`` rows covering ``range(n)``."""
+def chunks(n: int, chunk_rows: int | None = None) -> Iterator[slice]:
+    """Consecutive row slices of at most ``chunk_rows`` (default :data:`CHUNK_ROWS`) rows
+    covering ``range(n)``."""
+    chunk_rows = CHUNK_ROWS if chunk_rows is None else chunk_rows
     for start in range(0, n, chunk_rows):
         yield slice(start, min(n, start + chunk_rows))
 
@@ -82,7 +87,7 @@ class _Moments:
         return self.var1 if self.var1 is not None else self.m2 / max(self.count, 1)
 
 
-def column_moments(X: Any, chunk_rows: int = CHUNK_ROWS) -> tuple[np.ndarray, np.ndarray]:
+def column_moments(X: Any, chunk_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Column means and (population) variances of ``X`` in float64, one chunk of rows at a
     time; data of a single chunk give exactly ``X.mean(0)`` and ``X.var(0)``."""
     moments = _Moments(X.shape[1])
@@ -95,7 +100,7 @@ def scan(
     X: Any,
     *,
     check_chunk: Callable[[np.ndarray, int], None] | None = None,
-    chunk_rows: int = CHUNK_ROWS,
+    chunk_rows: int | None = None,
 ) -> dict[str, Any]:
     """One pass over out-of-core ``X``: checks each chunk and returns its summary.
 
@@ -158,3 +163,49 @@ class RowSource:
         pos = idx.detach().cpu().numpy()
         block = read_rows(self.X, pos if self.rows is None else self.rows[pos])
         return torch.tensor(self.prepare(block), dtype=self.dtype, device=self.device)
+
+
+def validated(est: Any, X: Any, reset: bool) -> tuple[Any, dict[str, Any] | None]:
+    """``X`` checked for training by ``est``, and for out-of-core data its chunked summary
+    (:func:`scan`); in-memory data go through scikit-learn's ``validate_data``."""
+    from sklearn.utils.validation import validate_data
+
+    from .dequantization import _check_integer_valued
+
+    names = getattr(est, "feature_names_in_", None)
+    if is_out_of_core(X):
+        validate_data(est, X, skip_check_array=True, reset=reset)
+        check = None
+        if est.dequantization is not None:
+            def check(chunk: np.ndarray, first_row: int) -> None:
+                _check_integer_valued(chunk, names)
+        return X, scan(X, check_chunk=check)
+    X = validate_data(est, X, dtype=[np.float64, np.float32], ensure_min_samples=2, reset=reset)
+    if est.dequantization is not None:
+        _check_integer_valued(X, getattr(est, "feature_names_in_", None))
+    return X, None
+
+
+def training_rows(est: Any, X: Any, rows: np.ndarray | None) -> tuple[Any, Any]:
+    """The rows ``rows`` of ``X`` (all when None) for ``est``'s training loop — a tensor, or a
+    :class:`RowSource` for out-of-core data — and the per-batch transform (fresh uniform
+    dequantization noise, then standardisation) for dequantized data."""
+    from .dequantization import _uniform_dequantize
+
+    st = est._standardizer
+    deq = est.dequantization is not None
+    if is_out_of_core(X):
+        prepare = (lambda b: np.asarray(b, dtype=np.float64)) if deq else st.transform
+        X_train = RowSource(X, rows, prepare, est._torch_dtype, est.device_)
+    else:
+        X_rows = X if rows is None else X[rows]
+        X_train = est._to_tensor(X_rows if deq else st.transform(X_rows))
+    if not deq:
+        return X_train, None
+
+    # Fresh uniform dequantization noise for every mini-batch (the score model is trained on
+    # uniformly dequantized data for both dequantization modes).
+    def batch_transform(batch: Tensor, g: torch.Generator) -> Tensor:
+        return st.transform(batch + _uniform_dequantize(batch, g)[0])
+
+    return X_train, batch_transform

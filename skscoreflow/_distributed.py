@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["Group", "resolve_group", "current_rank"]
+__all__ = ["Group", "any_rank", "current_rank", "local_device", "resolve_group"]
 
 #: The variables torchrun sets in every worker (``distributed=True`` needs them).
 _TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -96,13 +96,21 @@ class Group:
         """``module`` wrapped in ``DistributedDataParallel`` for the training forward passes.
 
         DDP broadcasts rank 0's weights at construction, so every rank starts identical even
-        when a warm start or a checkpoint loaded them separately.  Buffers are not synced at
-        each forward: the package's networks keep no running statistics.
+        when a warm start or a checkpoint loaded them separately.  Buffers are synced there
+        too, not at each forward: the package's networks keep no running statistics.
         """
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = [self.device.index or 0] if self.device.type == "cuda" else None
-        return DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False)
+        return DistributedDataParallel(module, device_ids=device_ids, forward_sync_buffers=False)
+
+
+def any_rank(group: Group | None, flag: bool) -> bool:
+    """Whether ``flag`` holds on any rank (``flag`` itself without a group): one answer on
+    every rank, for decisions that must not differ (a Ctrl-C between two training phases)."""
+    if group is None:
+        return flag
+    return bool(group.all_reduce_sum(torch.tensor([float(flag)]))[0] > 0)
 
 
 def _initialized() -> bool:

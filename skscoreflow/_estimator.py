@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from numbers import Integral
 from typing import Any, Callable
 
 import numpy as np
@@ -11,7 +12,7 @@ from sklearn.base import BaseEstimator, DensityMixin, _fit_context
 from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import Tensor
 
-from . import _params, _persistence
+from . import _dask, _data, _distributed, _params, _persistence
 from ._checkpoint import FitCheckpoint
 from ._preprocessing import Standardizer
 from ._threads import fit_threads
@@ -19,7 +20,6 @@ from .bound import likelihood_bound
 from .dequantization import (
     _check_integer_valued,
     _fit_to_score_model,
-    _uniform_dequantize,
     dequantized_log_prob,
 )
 from .likelihood import _EXACT_MAX_DIM, _resolve_divergence, ode_log_likelihood
@@ -117,6 +117,20 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
         resumes from it (bit for bit on the CPU) and deletes it on completion.  None: none.
     checkpoint_every : int, default=1000
         Optimizer steps between checkpoints (also written at Ctrl-C and between phases).
+    shuffle : bool, default=True
+        Draw the mini-batches from a fresh permutation of the rows every epoch (``fit``) or of
+        each chunk (``partial_fit``); False takes the rows in the order given.
+    standardize : bool, default=True
+        Standardise the columns (to zero mean and unit variance; the first ``partial_fit``
+        chunk fixes the map) before the diffusion.  Log-densities are always in X's units.
+    distributed : bool or "auto", default="auto"
+        Data-parallel training across the processes of a ``torch.distributed`` job (DDP, e.g.
+        launched by ``torchrun``).  "auto": whenever a process group with more than one process
+        is initialised (never because ``RANK``/``WORLD_SIZE`` are set); True: also initialise the
+        group from torchrun's environment when needed (gloo on CPU, NCCL on CUDA); False:
+        never.  ``batch_size`` stays the global batch and the result does not depend on the
+        number of processes; every process must call ``fit`` with the same data and parameters,
+        and only rank 0 logs and writes files.  See the user guide's "Scaling past one process".
 
     Attributes
     ----------
@@ -151,6 +165,8 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
         Best of ``validation_scores_``, when ``early_stopping``.
     fit_time_ : float
         Seconds spent training.
+    world_size_ : int
+        Number of processes that trained the model (1 unless ``distributed``).
 
     See Also
     --------
@@ -210,6 +226,9 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
         verbose: int = 0,
         checkpoint_path: str | os.PathLike | None = None,
         checkpoint_every: int = 1000,
+        shuffle: bool = True,
+        standardize: bool = True,
+        distributed: bool | str = "auto",
     ) -> None:
         self.sde = sde
         self.weighting = weighting
@@ -241,6 +260,9 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
         self.verbose = verbose
         self.checkpoint_path = checkpoint_path
         self.checkpoint_every = checkpoint_every
+        self.shuffle = shuffle
+        self.standardize = standardize
+        self.distributed = distributed
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -267,15 +289,19 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
     def fit(self, X: Any, y: Any = None) -> "ScoreFlowDensity":
         """Train the score network (and the variational dequantizer) on ``X``.
 
-        With ``checkpoint_path`` set, an interrupted fit resumes from its last checkpoint when
-        called again with the same parameters and data.  Ctrl-C stops after the running step
-        and leaves a usable estimator, with a warning; a script then gets the
-        ``KeyboardInterrupt`` back, an interactive session does not (see the user guide).
+        Inside a ``torch.distributed`` job (see ``distributed``) the fit is data-parallel and
+        the same on every process.  With ``checkpoint_path`` set, an interrupted fit resumes
+        from its last checkpoint when called again with the same parameters and data.  Ctrl-C
+        stops after the running step and leaves a usable estimator, with a warning; a script
+        then gets the ``KeyboardInterrupt`` back, an interactive session does not (see the
+        user guide).
 
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features)
-            Training data (numeric, finite; integer-valued when ``dequantization`` is set).
+            Training data (numeric, finite; integer-valued when ``dequantization`` is set).  A
+            ``numpy.memmap`` or another row-indexable array-like (h5py or zarr dataset, Dask
+            array) is checked in chunks and read one mini-batch at a time, never whole.
         y : None
             Ignored.
 
@@ -295,40 +321,41 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
         pending = getattr(self, "_interrupted_fit", None)
         if pending is not None and FitCheckpoint.exists(self):
             warm, start_n_iter = pending
-        X = validate_data(
-            self, X, dtype=[np.float64, np.float32], ensure_min_samples=2, reset=not warm
-        )
+        X, summary = self._validated(X, reset=not warm)
         if warm:
             _params.check_warm_start(self)
-        if self.dequantization is not None:
-            _check_integer_valued(X, getattr(self, "feature_names_in_", None))
+        device = _distributed.local_device(_params.resolve_device(self.device))
+        group = _distributed.resolve_group(self.distributed, device)
+        main = group is None or group.is_main
+        seed = _params.seed_from(self.random_state)
+        if group is not None:
+            # random_state=None draws a seed per process, and only rank 0 may see the file of
+            # an interrupted fit: rank 0's answers are everyone's.
+            seed, warm, start_n_iter = group.broadcast_object((seed, warm, start_n_iter))
+            group.check_same("data shape, random_state and max_iter",
+                             (tuple(X.shape), seed, int(self.max_iter), int(self.batch_size)))
         ckpt = None
         if self.checkpoint_path is not None:
-            ckpt = FitCheckpoint(self, X, start_n_iter)
+            ckpt = FitCheckpoint.open(self, X, start_n_iter, group,
+                                      None if summary is None else summary["digest"])
         try:
-            seed = _params.seed_from(self.random_state)
             seed = seed if ckpt is None else ckpt.seed(seed)
             if not warm:
-                _params.derive(self, X)
+                _params.derive(self, X, summary)
             if ckpt is not None and ckpt.phase is not None:
                 ckpt.restore_derived(self)
+            self.device_ = _distributed.local_device(self.device_) if group else self.device_
+            self.world_size_ = 1 if group is None else group.world_size
             train_idx, val_idx = _params.split(self, X.shape[0], np.random.default_rng(seed))
-
-            st = self._standardizer
-            batch_transform = None
-            if self.dequantization is None:
-                X_train = self._to_tensor(st.transform(X[train_idx]))
-            else:
-                # Fresh uniform dequantization noise for every mini-batch (the score model is
-                # trained on uniformly dequantized data for both dequantization modes).
-                X_train = self._to_tensor(X[train_idx])
-
-                def batch_transform(batch: Tensor, g: torch.Generator) -> Tensor:
-                    return st.transform(batch + _uniform_dequantize(batch, g)[0])
+            # All rows (no validation split): no index array of the size of the data.
+            rows = None if val_idx is None else train_idx
+            X_train, batch_transform = self._training_rows(X, rows)
 
             def loop_kwargs(phase: str, score_state: Any = None) -> dict[str, Any]:
-                return {} if ckpt is None else ckpt.loop_kwargs(self, seed, phase, score_state)
+                kwargs = {} if ckpt is None else ckpt.loop_kwargs(self, seed, phase, score_state)
+                return {**kwargs, "group": group}
 
+            verbose = int(self.verbose) if main else 0
             with fit_threads(), _deferred_interrupt() as interrupt_pending:
                 if ckpt is not None and ckpt.phase == "dequantizer":
                     state = ckpt.score_state(self)
@@ -337,35 +364,40 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
                         net, state_in = self._train_state.model, self._train_state
                     else:
                         net, state_in = _params.new_network(self, sizes, seed), None
-                    validation_fn = (
-                        None if val_idx is None else _params.validation_fn(self, X[val_idx], seed)
-                    )
+                    validation_fn = None
+                    if val_idx is not None:
+                        X_val = _data.read_rows(X, val_idx[:2000])
+                        validation_fn = _params.validation_fn(self, X_val, seed)
                     try:
                         state = train_score_model(
                             net, X_train, self.sde_, eps=self.eps_, generator=self._generator(seed),
                             batch_transform=batch_transform, validation_fn=validation_fn,
-                            state=state_in, **_params.training_kwargs(self), **loop_kwargs("score"),
+                            state=state_in, shuffle=bool(self.shuffle),
+                            **{**_params.training_kwargs(self), "verbose": verbose},
+                            **loop_kwargs("score"),
                         )
                     except NonFiniteLossError:
                         if warm:  # the continued state holds the last good weights: keep it whole
                             _params.set_score_state(self, self._train_state, warn=False)
                         raise
-                _params.set_score_state(self, state)
+                _params.set_score_state(self, state, warn=main)
                 # A Ctrl-C held between the phases ends the fit before the dequantizer.
-                state.interrupted = state.interrupted or interrupt_pending(consume=True)
+                held = interrupt_pending(consume=True)
+                state.interrupted = state.interrupted or _distributed.any_rank(group, held)
                 deq_state = None
                 if self.dequantization == "variational" and not state.interrupted:
                     deq_state = _fit_to_score_model(
-                        self.network_, self.sde_, self.eps_, st.transform,
-                        self._to_tensor(X[train_idx]), hidden_layer_sizes=deq_sizes,
+                        self.network_, self.sde_, self.eps_, self._standardizer.transform,
+                        X_train, hidden_layer_sizes=deq_sizes,
                         n_couplings=int(self.dequantizer_n_couplings),
                         max_iter=int(self.dequantizer_max_iter), seed=seed + 3,
-                        verbose=int(self.verbose), **loop_kwargs("dequantizer", state),
+                        verbose=verbose, **loop_kwargs("dequantizer", state),
                     )
-                    self.dequantizer_ = deq_state.ema_model
-                    self.dequantizer_loss_curve_ = list(deq_state.loss_curve)
-                    deq_state.interrupted = deq_state.interrupted or interrupt_pending(consume=True)
-            self._interrupted_fit = None
+                    self._set_dequantizer(deq_state)
+                    held = interrupt_pending(consume=True)
+                    deq_state.interrupted = (deq_state.interrupted
+                                             or _distributed.any_rank(group, held))
+            self._interrupted_fit = self._partial_rng = self._deq_state = None
             if state.interrupted or (deq_state is not None and deq_state.interrupted):
                 self._interrupted_fit = (warm, start_n_iter)
                 _params.interrupted(self, state, deq_state, ckpt)
@@ -376,7 +408,111 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
                 ckpt.release()
         return self
 
+    @_fit_context(prefer_skip_nested_validation=True)
+    def partial_fit(self, X: Any, y: Any = None) -> "ScoreFlowDensity":
+        """Continue training on one chunk of rows (streaming data, scikit-learn's convention).
+
+        Each call takes ``max(1, len(X) // batch_size)`` optimizer steps over the chunk (in
+        order, shuffled within the chunk when ``shuffle``), continuing the same optimizer, EMA,
+        random stream and learning-rate schedule (that of a ``max_iter``-step run; past it the
+        final rate is kept).  The first call (on an unfitted estimator) fixes the
+        standardisation from its chunk.  Early stopping is not used.  With
+        ``dequantization="variational"`` the dequantizer takes as many steps on the chunk
+        against the current score model.  Over chunks of ``batch_size`` rows, with
+        ``shuffle=False`` and ``standardize=False``, the calls equal one ``fit`` on their
+        concatenation (same ``random_state``, ``max_iter`` = number of chunks).  Inside a
+        ``torch.distributed`` job (``distributed``) every process passes the same chunk and
+        each step is data-parallel, as in ``fit``.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            One chunk of training rows.
+        y : None
+            Ignored.
+
+        Returns
+        -------
+        ScoreFlowDensity
+            The estimator, trained on one more chunk.
+        """
+        first = not hasattr(self, "network_")
+        X, summary = self._validated(X, reset=first)
+        if not first:
+            _params.check_warm_start(self)
+        seed = _params.seed_from(self.random_state)
+        device = _distributed.local_device(_params.resolve_device(self.device))
+        group = _distributed.resolve_group(self.distributed, device)
+        if group is not None:
+            seed = group.broadcast_object(seed)
+            group.check_same("chunk shape", tuple(X.shape))
+        if first:
+            _params.derive(self, X, summary)
+            if group is not None:
+                self.device_ = _distributed.local_device(self.device_)
+            self.world_size_ = 1 if group is None else group.world_size
+            sizes = _params.layer_sizes("hidden_layer_sizes", self.hidden_layer_sizes)
+            net, state_in = _params.new_network(self, sizes, seed), None
+        else:
+            net, state_in = self._train_state.model, self._train_state
+        g = self._generator(seed)
+        if getattr(self, "_partial_rng", None) is not None:
+            g.set_state(self._partial_rng)
+        X_train, batch_transform = self._training_rows(X, None)
+        steps = max(1, X.shape[0] // min(int(self.batch_size), X.shape[0]))
+        kwargs = {**_params.training_kwargs(self), "max_iter": steps, "early_stopping": False,
+                  "group": group}
+        if group is not None and not group.is_main:
+            kwargs["verbose"] = 0
+        start = 0 if state_in is None else state_in.n_iter
+        with fit_threads(), _deferred_interrupt() as interrupt_pending:
+            state = train_score_model(
+                net, X_train, self.sde_, eps=self.eps_, generator=g,
+                batch_transform=batch_transform,
+                state=state_in, shuffle=bool(self.shuffle), schedule=(start, int(self.max_iter)),
+                **kwargs,
+            )
+            _params.set_score_state(self, state, warn=False)
+            held = interrupt_pending(consume=True)
+            state.interrupted = state.interrupted or _distributed.any_rank(group, held)
+            deq_state = None
+            if self.dequantization == "variational" and not state.interrupted:
+                deq_sizes = _params.layer_sizes(
+                    "dequantizer_hidden_layer_sizes", self.dequantizer_hidden_layer_sizes
+                )
+                deq_state = _fit_to_score_model(
+                    self.network_, self.sde_, self.eps_, self._standardizer.transform, X_train,
+                    hidden_layer_sizes=deq_sizes, n_couplings=int(self.dequantizer_n_couplings),
+                    max_iter=steps, seed=seed + 3, verbose=kwargs["verbose"],
+                    state=getattr(self, "_deq_state", None), generator=g, group=group,
+                )
+                self._set_dequantizer(deq_state)
+                self._deq_state = deq_state
+        self._partial_rng = g.get_state()
+        if state.interrupted:
+            _params.interrupted(self, state, deq_state, None)
+        return self
+
+    def _validated(self, X: Any, reset: bool) -> tuple[Any, dict[str, Any] | None]:
+        return _data.validated(self, X, reset)
+
+    def _training_rows(self, X: Any, rows: np.ndarray | None) -> tuple[Any, Any]:
+        return _data.training_rows(self, X, rows)
+
+    def _set_dequantizer(self, deq_state: Any) -> None:
+        self.dequantizer_ = deq_state.ema_model
+        self.dequantizer_loss_curve_ = list(deq_state.loss_curve)
+
     # ------------------------------------------------------------------ evaluation
+    def _in_chunks(self, method: str, X: Any, **kwargs: Any) -> np.ndarray:
+        """``method`` on out-of-core ``X``, one chunk of rows at a time (bounded memory)."""
+        check_is_fitted(self, "network_")
+        validate_data(self, X, skip_check_array=True, reset=False)
+        out = np.empty(X.shape[0])
+        for rows in _data.chunks(X.shape[0]):
+            out[rows] = getattr(self, method)(np.asarray(X[rows]), **kwargs)
+        return out
+
     def _check_X(self, X: Any) -> np.ndarray:
         check_is_fitted(self, "network_")
         X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
@@ -427,13 +563,21 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features)
-            Rows to evaluate.
+            Rows to evaluate; a memmap or other out-of-core array-like is evaluated one chunk
+            of rows at a time (bounded memory).
 
         Returns
         -------
         log_density : ndarray of shape (n_samples,)
-            Natural-log density in the units of ``X`` (log-probability for dequantized models).
+            Natural-log density in the units of ``X`` (log-probability for dequantized models);
+            a lazy dask array when ``X`` is one, computed block by block (equal to the NumPy
+            result up to the solver's tolerance; dequantization draws and Hutchinson probes
+            restart from their fixed seeds in every block).
         """
+        if _dask.is_dask_collection(X):
+            return _dask.lazy_rows(self, "score_samples", X)
+        if _data.is_out_of_core(X):
+            return self._in_chunks("score_samples", X)
         X = self._check_X(X)
         divergence = self.divergence
         if self.dequantization is not None and divergence == "auto":
@@ -500,9 +644,28 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
         Returns
         -------
         ndarray of shape (n_samples,)
-            In nats, in the units of ``X``.
+            In nats, in the units of ``X``; a lazy dask array when ``X`` is one, each block
+            drawing its own Monte-Carlo sample (seeded from ``random_state`` and its index).
         """
         _params.validate(_params.BOUND_CONSTRAINTS, locals(), "ScoreFlowDensity.bound")
+        if _dask.is_dask_collection(X):
+            return _dask.lazy_rows(
+                self, "bound", X, n_time_samples=n_time_samples,
+                importance_sampling=importance_sampling, offset=offset, random_state=random_state,
+            )
+        if _data.is_out_of_core(X):
+            check_is_fitted(self, "network_")
+            validate_data(self, X, skip_check_array=True, reset=False)
+            out = np.empty(X.shape[0])
+            for i, rows in enumerate(_data.chunks(X.shape[0])):
+                # Chunk i of an int seed s draws with s + i: independent draws, and one chunk
+                # is the in-memory call (a RandomState or None gives each chunk its own seed).
+                seed = random_state + i if isinstance(random_state, Integral) else random_state
+                out[rows] = self.bound(
+                    np.asarray(X[rows]), n_time_samples=n_time_samples,
+                    importance_sampling=importance_sampling, offset=offset, random_state=seed,
+                )
+            return out
         X = self._check_X(X)
         seed = _params.seed_from(random_state)
         g = self._generator(seed)
@@ -582,8 +745,12 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
             kwargs.update(self._solver_kwargs(eps))
         else:
             kwargs.update(n_steps=int(n_steps), corrector=bool(corrector))
-        z = _SAMPLERS[method](self.network_, self.sde_, int(n_samples), self.n_features_in_, **kwargs)
-        samples = self._standardizer.inverse(z.detach().cpu().numpy())
+        # In chunks of rows (one generator across them): memory beyond the output is bounded.
+        samples = np.empty((int(n_samples), self.n_features_in_))
+        for rows in _data.chunks(int(n_samples)):
+            z = _SAMPLERS[method](self.network_, self.sde_, rows.stop - rows.start,
+                                  self.n_features_in_, **kwargs)
+            samples[rows] = self._standardizer.inverse(z.detach().cpu().numpy())
         if self.dequantization is not None:
             # x + u has x = floor(x + u); clip to the integer range seen in training.
             return np.clip(np.floor(samples), self.data_min_, self.data_max_).astype(np.int64)
@@ -606,6 +773,8 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
         of a dict, readable with ``torch.load(path, weights_only=True)``), with the format
         version, the skscoreflow and torch versions and a checksum; load it with :meth:`load`.
         A user-defined SDE class cannot be stored as data: pickle or joblib such an estimator.
+        After a distributed fit, inside its process group, only rank 0 writes (every rank may
+        call ``save``; all return once the file is complete).
 
         Parameters
         ----------
@@ -613,7 +782,19 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
             File to write.
         """
         check_is_fitted(self, "network_")
-        _persistence.save(self, path)
+        group = None
+        if getattr(self, "world_size_", 1) > 1:
+            group = _distributed.resolve_group("auto", self.device_)
+        if group is None:
+            _persistence.save(self, path)
+            return
+        # A model trained across processes is the same on every rank: rank 0 writes it, and
+        # no rank returns before the file is complete.
+        try:
+            if group.is_main:
+                _persistence.save(self, path)
+        finally:
+            group.barrier()
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ScoreFlowDensity":

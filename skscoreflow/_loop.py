@@ -554,11 +554,12 @@ def _optimize(
                         # DDP averages the ranks' gradients: scaling each rank's sum by W / B
                         # makes that average the gradient of the global batch mean.
                         loss = per_row.sum() * (world / batch_size) if sharded else per_row.mean()
-                        local = per_row.detach().sum() / batch_size if sharded else loss.detach() / world
-                        agreed = group.all_reduce_sum(
-                            torch.stack([local.double().cpu(),
-                                         torch.tensor(float(interrupt_pending()), dtype=torch.float64)])
-                        )
+                        if sharded:
+                            local = per_row.detach().sum() / batch_size
+                        else:
+                            local = loss.detach() / world
+                        held = torch.tensor(float(interrupt_pending()), dtype=torch.float64)
+                        agreed = group.all_reduce_sum(torch.stack([local.double().cpu(), held]))
                         value, stop_now = agreed[0], bool(agreed[1] > 0)
                     if not torch.isfinite(value):
                         raise NonFiniteLossError(

@@ -203,9 +203,9 @@ def training_kwargs(est: Any) -> dict[str, Any]:
 
 
 def split(est: Any, n: int, rng: Any) -> tuple[Any, Any]:
-    """Training and validation row indices (no validation rows without early stopping)."""
+    """Training and validation row indices; (None, None) without early stopping (all rows train)."""
     if not est.early_stopping:
-        return np.arange(n), None
+        return None, None
     n_val = int(math.ceil(est.validation_fraction * n))
     if n_val < 1 or n - n_val < 1:
         raise ValueError(
