@@ -18,10 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = [
-    "CHUNK_ROWS", "RowSource", "chunks", "column_moments", "is_out_of_core", "read_rows", "scan",
-    "training_rows", "validated",
-]
+# Internal helpers of the estimator and the training loop: nothing here is public API.
+__all__: list[str] = []
 
 #: Rows per chunk when scanning or evaluating out-of-core data.
 CHUNK_ROWS = 65536

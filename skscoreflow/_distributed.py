@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["Group", "any_rank", "current_rank", "local_device", "resolve_group"]
+# Internal helpers of the estimator and the training loop: nothing here is public API.
+__all__: list[str] = []
 
 #: The variables torchrun sets in every worker (``distributed=True`` needs them).
 _TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
