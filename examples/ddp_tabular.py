@@ -6,8 +6,9 @@ Every process runs this script with the same data and parameters.  ``distributed
 initialises the process group from torchrun's environment (on GPUs: one GPU per process,
 ``cuda:LOCAL_RANK``); ``batch_size`` is the global batch, split across the processes, so the
 model does not depend on their number.  Only rank 0 prints and writes the model file.  The
-data may be a ``.npy`` file of float rows (``--data``; opened as a memmap: each process reads
-only its batches) or a built-in 2-D set.
+data may be a ``.npy`` file of float rows (``--data``; opened as a memmap: each process scans
+it once in chunks and then reads one global batch per step, never the whole file) or a
+built-in 2-D set.
 """
 
 from __future__ import annotations

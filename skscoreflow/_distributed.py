@@ -96,14 +96,21 @@ class Group:
     def wrap(self, module: nn.Module) -> nn.Module:
         """``module`` wrapped in ``DistributedDataParallel`` for the training forward passes.
 
-        DDP broadcasts rank 0's weights at construction, so every rank starts identical even
-        when a warm start or a checkpoint loaded them separately.  Buffers are synced there
-        too, not at each forward: the package's networks keep no running statistics.
+        DDP broadcasts rank 0's weights (and buffers) at construction, not at each forward:
+        the package's networks keep no running statistics.  The EMA and the optimizer state
+        are not synced: every rank loads the same ones (the same checkpoint or warm start).
         """
+        import inspect
+
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = [self.device.index or 0] if self.device.type == "cuda" else None
-        return DistributedDataParallel(module, device_ids=device_ids, forward_sync_buffers=False)
+        # torch 2.13 renamed the switch (and deprecated the old name); older releases only
+        # know broadcast_buffers.
+        params = inspect.signature(DistributedDataParallel.__init__).parameters
+        no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in params
+                   else {"broadcast_buffers": False})
+        return DistributedDataParallel(module, device_ids=device_ids, **no_sync)
 
 
 def any_rank(group: Group | None, flag: bool) -> bool:
@@ -135,8 +142,14 @@ def _init_from_environment(device: torch.device) -> None:
             "--standalone --nproc_per_node=2 script.py`"
         )
     if device.type == "cuda":
+        import inspect
+
         torch.cuda.set_device(device)
-        torch.distributed.init_process_group("nccl", device_id=device)
+        # device_id binds the communicator to this GPU at once (errors surface here), where
+        # this torch supports it.
+        params = inspect.signature(torch.distributed.init_process_group).parameters
+        kwargs = {"device_id": device} if "device_id" in params else {}
+        torch.distributed.init_process_group("nccl", **kwargs)
     else:
         torch.distributed.init_process_group("gloo")
     # The group this package created is torn down at exit (NCCL warns otherwise); one created
@@ -166,4 +179,7 @@ def resolve_group(distributed: bool | str, device: torch.device) -> Group | None
             return None
     elif not _initialized():
         _init_from_environment(device)
+    if device.type == "cuda" and torch.distributed.get_backend() == "nccl":
+        # NCCL's object collectives use the current device: this rank's GPU, not cuda:0.
+        torch.cuda.set_device(device)
     return Group(torch.distributed.get_rank(), torch.distributed.get_world_size(), device)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from numbers import Integral
 from typing import Any, Callable
 
 import numpy as np
@@ -344,7 +343,11 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
                 _params.derive(self, X, summary)
             if ckpt is not None and ckpt.phase is not None:
                 ckpt.restore_derived(self)
-            self.device_ = _distributed.local_device(self.device_) if group else self.device_
+            if group is not None:
+                self.device_ = _distributed.local_device(self.device_)
+                # Ranks given other data (each its own shard) or other parameters would train
+                # different models without an error: compare what they derived.
+                group.check_same("data (column moments) and parameters", _params.digest(self))
             self.world_size_ = 1 if group is None else group.world_size
             train_idx, val_idx = _params.split(self, X.shape[0], np.random.default_rng(seed))
             # All rows (no validation split): no index array of the size of the data.
@@ -450,11 +453,13 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
             _params.derive(self, X, summary)
             if group is not None:
                 self.device_ = _distributed.local_device(self.device_)
-            self.world_size_ = 1 if group is None else group.world_size
+                group.check_same("first chunk (column moments) and parameters",
+                                 _params.digest(self))
             sizes = _params.layer_sizes("hidden_layer_sizes", self.hidden_layer_sizes)
             net, state_in = _params.new_network(self, sizes, seed), None
         else:
             net, state_in = self._train_state.model, self._train_state
+        self.world_size_ = 1 if group is None else group.world_size
         g = self._generator(seed)
         if getattr(self, "_partial_rng", None) is not None:
             g.set_state(self._partial_rng)
@@ -465,6 +470,8 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
         if group is not None and not group.is_main:
             kwargs["verbose"] = 0
         start = 0 if state_in is None else state_in.n_iter
+        # Before the score step below resets the fitted dequantizer attributes.
+        deq_in = None if first else self._continued_dequantizer()
         with fit_threads(), _deferred_interrupt() as interrupt_pending:
             state = train_score_model(
                 net, X_train, self.sde_, eps=self.eps_, generator=g,
@@ -483,8 +490,11 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
                 deq_state = _fit_to_score_model(
                     self.network_, self.sde_, self.eps_, self._standardizer.transform, X_train,
                     hidden_layer_sizes=deq_sizes, n_couplings=int(self.dequantizer_n_couplings),
-                    max_iter=steps, seed=seed + 3, verbose=kwargs["verbose"],
-                    state=getattr(self, "_deq_state", None), generator=g, group=group,
+                    max_iter=steps, seed=seed + 3, verbose=kwargs["verbose"], state=deq_in,
+                    generator=g, group=group,
+                    # One schedule across calls, over dequantizer_max_iter steps.
+                    schedule=(0 if deq_in is None else deq_in.n_iter,
+                              int(self.dequantizer_max_iter)),
                 )
                 self._set_dequantizer(deq_state)
                 self._deq_state = deq_state
@@ -498,6 +508,22 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
 
     def _training_rows(self, X: Any, rows: np.ndarray | None) -> tuple[Any, Any]:
         return _data.training_rows(self, X, rows)
+
+    def _continued_dequantizer(self) -> Any:
+        """partial_fit's dequantizer training state: the live one, else (after unpickling)
+        one rebuilt around the fitted dequantizer with a fresh optimizer."""
+        state = getattr(self, "_deq_state", None)
+        deq = getattr(self, "dequantizer_", None)
+        if state is not None or deq is None:
+            return state
+        import copy
+
+        from .training import TrainState
+
+        model = copy.deepcopy(deq).requires_grad_(True).train()
+        optimizer = torch.optim.Adam(model.parameters())
+        return TrainState(model, deq, optimizer, n_iter=len(self.dequantizer_loss_curve_ or []),
+                          loss_curve=list(self.dequantizer_loss_curve_ or []))
 
     def _set_dequantizer(self, deq_state: Any) -> None:
         self.dequantizer_ = deq_state.ema_model
@@ -657,10 +683,9 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
             check_is_fitted(self, "network_")
             validate_data(self, X, skip_check_array=True, reset=False)
             out = np.empty(X.shape[0])
+            seeds = _dask._BlockSeeds(random_state)  # as Dask blocks: one chunk is the NumPy call
             for i, rows in enumerate(_data.chunks(X.shape[0])):
-                # Chunk i of an int seed s draws with s + i: independent draws, and one chunk
-                # is the in-memory call (a RandomState or None gives each chunk its own seed).
-                seed = random_state + i if isinstance(random_state, Integral) else random_state
+                seed = seeds(i)
                 out[rows] = self.bound(
                     np.asarray(X[rows]), n_time_samples=n_time_samples,
                     importance_sampling=importance_sampling, offset=offset, random_state=seed,
@@ -773,8 +798,9 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
         of a dict, readable with ``torch.load(path, weights_only=True)``), with the format
         version, the skscoreflow and torch versions and a checksum; load it with :meth:`load`.
         A user-defined SDE class cannot be stored as data: pickle or joblib such an estimator.
-        After a distributed fit, inside its process group, only rank 0 writes (every rank may
-        call ``save``; all return once the file is complete).
+        After a distributed fit, inside its process group, only rank 0 writes: call ``save``
+        on every rank or on rank 0 alone (other ranks return at once; ``barrier()`` before they
+        read the file).
 
         Parameters
         ----------
@@ -782,19 +808,11 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
             File to write.
         """
         check_is_fitted(self, "network_")
-        group = None
-        if getattr(self, "world_size_", 1) > 1:
-            group = _distributed.resolve_group("auto", self.device_)
-        if group is None:
-            _persistence.save(self, path)
+        # A model trained across processes is the same on every rank: rank 0 writes it.  No
+        # collective here, so calling save on rank 0 alone (the usual idiom) cannot hang.
+        if getattr(self, "world_size_", 1) > 1 and _distributed.current_rank() != 0:
             return
-        # A model trained across processes is the same on every rank: rank 0 writes it, and
-        # no rank returns before the file is complete.
-        try:
-            if group.is_main:
-                _persistence.save(self, path)
-        finally:
-            group.barrier()
+        _persistence.save(self, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ScoreFlowDensity":

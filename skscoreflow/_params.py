@@ -290,6 +290,23 @@ def new_network(est: Any, sizes: tuple[int, ...], seed: int) -> torch.nn.Module:
     return net.to(device=est.device_, dtype=_DTYPES[est.dtype])
 
 
+def digest(est: Any) -> str:
+    """A digest of what every rank of a distributed fit must share: the standardisation and
+    integer range derived from the data, and the parameters (rank 0's seed is everyone's;
+    logging and file settings may differ)."""
+    import hashlib
+    import json
+
+    from ._checkpoint import _fingerprint_value
+
+    skip = {"verbose", "checkpoint_path", "checkpoint_every", "distributed", "random_state"}
+    params = {k: _fingerprint_value(v) for k, v in est.get_params().items() if k not in skip}
+    h = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode())
+    for value in (est.mean_, est.scale_, est.data_min_, est.data_max_):
+        h.update(b"-" if value is None else np.ascontiguousarray(value, dtype=np.float64).data)
+    return h.hexdigest()[:16]
+
+
 def derive(est: Any, X: Any, summary: dict[str, Any] | None = None) -> None:
     """What the first ``fit`` derives from the parameters and the data (device, SDE, cutoff,
     Fourier count, standardisation, integer range)."""

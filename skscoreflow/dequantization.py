@@ -263,6 +263,7 @@ def train_dequantizer(
     checkpoint_every: int = 1000,
     resume: dict[str, Any] | None = None,
     group: Any = None,
+    schedule: tuple[int, int] | None = None,
 ) -> TrainState:
     """Train ``q_phi(u | x)`` with the score model frozen (ScoreFlow's sequential schedule).
 
@@ -314,6 +315,9 @@ def train_dequantizer(
     group : object, optional
         A process group (internal, from the estimator's ``distributed`` parameter): the
         training is replicated on every rank, which all end with rank 0's weights.
+    schedule : tuple of (int, int), optional
+        ``(offset, total)`` of the learning-rate schedule (see
+        :func:`~skscoreflow.training.train_score_model`).
 
     Returns
     -------
@@ -365,6 +369,7 @@ def train_dequantizer(
         resume=resume,
         group=group,
         shard=False,
+        schedule=schedule,
     )
 
 

@@ -53,6 +53,31 @@ def flat(module: torch.nn.Module) -> np.ndarray:
     return torch.cat([p.detach().reshape(-1) for p in module.parameters()]).numpy()
 
 
+def interrupt_on_one_rank(rank: int) -> dict[str, np.ndarray]:
+    import os
+    import signal
+
+    from skscoreflow._distributed import resolve_group
+    from skscoreflow.nets import ScoreMLP
+    from skscoreflow.sde import VPSDE
+    from skscoreflow.training import train_score_model
+
+    torch.manual_seed(0)
+    net = ScoreMLP(2, VPSDE(), hidden_layer_sizes=(8,)).double()
+
+    def callback(state) -> None:
+        if rank == 1 and state.n_iter == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    state = train_score_model(
+        net, torch.tensor(data("plain")), VPSDE(), max_iter=10, batch_size=32,
+        generator=torch.Generator().manual_seed(0), callback=callback,
+        group=resolve_group("auto", torch.device("cpu")),
+    )
+    return {"interrupt/n_iter": np.asarray(state.n_iter),
+            "interrupt/interrupted": np.asarray(state.interrupted)}
+
+
 def main(out: Path) -> None:
     import skscoreflow._checkpoint as checkpoint_module
     import skscoreflow._persistence as persistence_module
@@ -99,6 +124,9 @@ def main(out: Path) -> None:
     results["partial/ema"] = flat(est.network_)
     results["partial/loss"] = np.asarray(est.loss_curve_)
     results["partial/world"] = np.asarray(est.world_size_)
+    # A Ctrl-C on rank 1 alone (a real SIGINT, held to the step boundary): every rank stops
+    # after the same step.
+    results.update(interrupt_on_one_rank(rank))
     results["writes"] = np.asarray(len(writes))
     np.savez(out / f"rank{rank}.npz", **results)
 

@@ -76,6 +76,13 @@ def test_early_stopping_ends_on_all_ranks_at_the_same_step(ranks) -> None:
     assert int(r0["early/n_iter"]) == int(r1["early/n_iter"]) < CASES["early"]["max_iter"]
 
 
+def test_an_interrupt_on_one_rank_stops_every_rank_after_the_same_step(ranks) -> None:
+    _, (r0, r1) = ranks
+    assert bool(r0["interrupt/interrupted"]) and bool(r1["interrupt/interrupted"])
+    # Ctrl-C on rank 1 during step 3 is agreed at step 4's all-reduce.
+    assert int(r0["interrupt/n_iter"]) == int(r1["interrupt/n_iter"]) == 4
+
+
 def test_only_rank_zero_writes_files(ranks) -> None:
     out, (r0, r1) = ranks
     for case in CASES:
