@@ -131,5 +131,19 @@ def main(out: Path) -> None:
     np.savez(out / f"rank{rank}.npz", **results)
 
 
+def resume(out: Path, checkpoints: Path) -> None:
+    """Continue a 1-process fit's checkpoint on every rank (rank 0 reads it)."""
+    est = ScoreFlowDensity(**COMMON, **CASES["plain"], distributed=True,
+                           checkpoint_path=str(checkpoints) + "/", checkpoint_every=10)
+    est.fit(data("plain"))
+    rank = torch.distributed.get_rank()
+    np.savez(out / f"resume-rank{rank}.npz", params=flat(est._train_state.model),
+             ema=flat(est.network_), loss=np.asarray(est.loss_curve_),
+             n_iter=np.asarray(est.n_iter_))
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    if len(sys.argv) > 3 and sys.argv[2] == "resume":
+        resume(Path(sys.argv[1]), Path(sys.argv[3]))
+    else:
+        main(Path(sys.argv[1]))

@@ -22,17 +22,21 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+def launch(*args: str) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS="1", SKSCOREFLOW_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(HERE / "ddp_worker.py"), *args],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, np.ndarray]]]:
     """Run the worker on 2 processes once; the per-rank results."""
     out = tmp_path_factory.mktemp("ddp")
-    env = dict(os.environ, OMP_NUM_THREADS="1", SKSCOREFLOW_THREADS="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(HERE / "ddp_worker.py"), str(out)],
-        env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    launch(str(out))
     return out, [dict(np.load(out / f"rank{r}.npz")) for r in range(2)]
 
 
@@ -120,3 +124,38 @@ def test_distributed_true_outside_torchrun_says_how_to_launch(monkeypatch) -> No
     est = ScoreFlowDensity(hidden_layer_sizes=(8,), max_iter=2, distributed=True)
     with pytest.raises(RuntimeError, match="torchrun"):
         est.fit(data("plain"))
+
+
+def test_a_one_process_checkpoint_resumes_on_two_processes(tmp_path, monkeypatch) -> None:
+    # The fit does not depend on the number of processes, so neither does its checkpoint:
+    # rank 0 reads it and broadcasts it; the result equals the uninterrupted 1-process fit.
+    import skscoreflow._estimator as estimator_module
+    import skscoreflow._params as params_module
+
+    monkeypatch.setattr(params_module, "_interactive", lambda: True)  # warn, do not re-raise
+    params = dict(COMMON, **CASES["plain"], distributed=False)
+    reference = ScoreFlowDensity(**params).fit(data("plain"))
+    checkpoints = tmp_path / "ckpt"
+    checkpoints.mkdir()
+    est = ScoreFlowDensity(**params, checkpoint_path=str(checkpoints) + "/", checkpoint_every=10)
+    real = estimator_module.train_score_model
+
+    def interrupted_at_17(*args, **kwargs):
+        def callback(state):
+            if state.n_iter == 17:
+                raise KeyboardInterrupt
+
+        return real(*args, callback=callback, **kwargs)
+
+    monkeypatch.setattr(estimator_module, "train_score_model", interrupted_at_17)
+    with pytest.warns(UserWarning, match="after step 17"):
+        est.fit(data("plain"))
+    assert len(list(checkpoints.glob("*.pt"))) == 1
+    launch(str(tmp_path), "resume", str(checkpoints))
+    results = [np.load(tmp_path / f"resume-rank{r}.npz") for r in range(2)]
+    for key in ("params", "ema", "loss"):
+        assert np.array_equal(results[0][key], results[1][key]), key
+    assert int(results[0]["n_iter"]) == 30
+    np.testing.assert_allclose(results[0]["ema"], flat(reference.network_), rtol=0, atol=1e-10)
+    np.testing.assert_allclose(results[0]["loss"], reference.loss_curve_, rtol=0, atol=1e-10)
+    assert not list(checkpoints.glob("*.pt"))  # removed by rank 0 once the fit completed

@@ -190,3 +190,11 @@ def test_bound_and_sample_in_chunks(fitted, tmp_path, monkeypatch) -> None:
     b = fitted.sample(20, random_state=5, method="sde", n_steps=20)
     np.testing.assert_array_equal(a, b)
     assert a.shape == (20, 2)
+
+
+def test_fit_on_a_dask_array_reads_it_by_rows() -> None:
+    da = pytest.importorskip("dask.array")
+    X = gaussian(400)
+    params = dict(SMALL, max_iter=10, batch_size=64)
+    lazy = ScoreFlowDensity(**params).fit(da.from_array(X, chunks=(100, 2)))
+    np.testing.assert_array_equal(lazy.loss_curve_, ScoreFlowDensity(**params).fit(X).loss_curve_)
