@@ -10,8 +10,8 @@ normalising flow.  Integrating the augmented state ``[x, Δ]`` with
 divergence is added in closed form and only ``div s`` is estimated:
 
 * ``"exact"``: the trace of the score's Jacobian, from one forward pass and one backward pass
-  vectorised over the ``d`` basis vectors on the CPU, ``d`` stacked copies of the batch on a GPU
-  (no Python loop over samples or probes in either);
+  per basis vector through its graph on the CPU, ``d`` stacked copies of the batch on a GPU
+  (no Python loop over samples in either);
 * ``"hutchinson"``: Skilling-Hutchinson ``v^T J v`` with ``n_probes`` Rademacher (or Gaussian)
   probes per row, drawn once per solve and held fixed for every solver step (resampling them
   inside an adaptive solve breaks its step control);
@@ -20,10 +20,12 @@ divergence is added in closed form and only ``div s`` is estimated:
 Rows are evaluated in chunks so memory stays bounded for any number of rows.  Tolerances follow
 the paper's evaluation (``rtol = atol = 1e-5`` with Dormand-Prince ``dopri5``; torchdiffeq's own
 defaults are tighter, 1e-7 / 1e-9).  torchdiffeq shares one adaptive step size across the rows
-of a chunk, so a row's value depends (within tolerance) on the other rows in its chunk; use a
-fixed-step solver (``method="rk4"``, ``options={"step_size": ...}``) in float64 when subset
-invariance matters (then rows agree up to rounding: BLAS may pick other kernels for another
-batch size).
+of a chunk; the default ``error_norm="row"`` makes the largest per-row error decide each step,
+so every row meets the tolerances whatever rows share its chunk, and a row's value depends on
+its batch mates only within the solver's accuracy (``docs/benchmarks/engine.md`` measures the
+per-row error against a tight float64 solve).  For results equal to rounding across subsets,
+use a fixed-step solver (``method="rk4"``, ``options={"step_size": ...}``) in float64 (BLAS may
+still pick other kernels for another batch size).
 
 Examples
 --------
@@ -44,8 +46,8 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor
-from torchdiffeq import odeint
-
+from ._ode import _MAX_NUM_STEPS, check_error_norm, odeint_checked
+from ._ode import time_variable as time_variable_
 from .sde import SDE
 
 __all__ = ["ode_log_likelihood", "ODEInfo"]
@@ -57,38 +59,6 @@ _DIVERGENCES = ("auto", "exact", "hutchinson")
 _PROBES = ("rademacher", "gaussian")
 #: ``divergence="auto"`` uses the exact trace up to this many dimensions.
 _EXACT_MAX_DIM = 16
-#: torchdiffeq's adaptive methods (the ones that take ``max_num_steps``).
-_ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
-#: Default cap on the steps of one adaptive solve: far above what a trained model needs
-#: (tens of steps), low enough that a diverging solve fails in seconds instead of hanging.
-_MAX_NUM_STEPS = 10_000
-
-
-def _odeint(
-    fn: Callable[..., Any],
-    state0: Any,
-    times: Tensor,
-    *,
-    rtol: float,
-    atol: float,
-    method: str,
-    options: dict[str, Any] | None,
-    max_num_steps: int | None,
-    what: str,
-) -> Any:
-    """``torchdiffeq.odeint`` with a step cap, its failures as a ``RuntimeError`` naming ``what``."""
-    if method in _ADAPTIVE_METHODS and max_num_steps is not None:
-        options = {"max_num_steps": int(max_num_steps), **(options or {})}
-    try:
-        return odeint(fn, state0, times, rtol=rtol, atol=atol, method=method, options=options)
-    except AssertionError as exc:  # torchdiffeq reports step-size underflow and the cap so
-        raise RuntimeError(
-            f"the ODE solver failed on {what} ({exc}): the network output is not finite or "
-            "the rows lie far outside the data it was trained on; a larger atol or a "
-            "fixed-step solver may help"
-        ) from exc
-
-
 @dataclass
 class ODEInfo:
     """Diagnostics of one :func:`ode_log_likelihood` call.
@@ -163,13 +133,16 @@ def _make_probes(
 
 
 def _vectorise_probes(device: torch.device) -> bool:
-    """Whether :func:`_divergence` vectorises the backward pass over the probes on ``device``.
+    """Whether :func:`_divergence` shares one forward pass among the probes on ``device``.
 
-    On the CPU it does: one shared forward pass and one backward pass vectorised over the k
-    probes, about half the work of pushing k stacked copies through both passes.  On a GPU the
-    k stacked copies form one wide batch that the device runs in parallel, while the cost of
-    the vectorised backward grows with k, so GPUs keep the stacked copies (measurements:
-    ``docs/user_guide/gpu.rst`` and ``docs/benchmarks/speed_gpu.md``).
+    On the CPU it does: one forward pass, then one backward pass per probe through the same
+    graph (``retain_graph``), about half the work of pushing ``k`` stacked copies of the batch
+    through both passes.  A single backward vectorised over the probes
+    (``is_grads_batched``) does the same arithmetic but falls back to per-probe loops and
+    copies inside several backward kernels (SiLU, layer norm): the plain loop measured 1.1x
+    faster at ``d = 2`` and 1.7x at ``d = 64`` (``docs/benchmarks/engine.md``).  On a GPU the
+    ``k`` stacked copies form one wide batch that the device runs in parallel, so GPUs keep
+    them (``docs/user_guide/gpu.rst`` and ``docs/benchmarks/speed_gpu.md``).
     """
     return device.type == "cpu"
 
@@ -187,10 +160,10 @@ def _divergence(
 
     Computes ``fn(x, t)`` and ``sum_k v_k^T J v_k / m`` where ``J = d fn / d x`` and ``m = k``
     for random probes (an unbiased estimate of the trace) or ``m = 1`` for the basis probes of
-    ``exact=True`` (the exact trace).  On the CPU: one forward pass, then one backward pass
-    vectorised over the ``k`` probes (``torch.autograd.grad(..., is_grads_batched=True)``); on
-    other devices ``k`` stacked copies of the batch through both passes, which a GPU runs as one
-    wide batch (faster there, see ``_vectorise_probes``).
+    ``exact=True`` (the exact trace).  On the CPU: one forward pass, then one backward pass per
+    probe through the retained graph; on other devices ``k`` stacked copies of the batch
+    through both passes, which a GPU runs as one wide batch (faster there, see
+    ``_vectorise_probes``).
 
     Parameters
     ----------
@@ -233,26 +206,22 @@ def _divergence(
     with torch.enable_grad():
         xr = x.detach().requires_grad_(True)
         out = fn(xr, t)
-        if k == 1:
-            (vjp,) = torch.autograd.grad(out, xr, probes[0], create_graph=create_graph)
-            vjp = vjp.unsqueeze(0)
-        else:
-            # One forward pass and one backward pass vectorised over the k probes: about half
-            # the work of pushing k stacked copies of the batch through both passes.
-            try:
-                (vjp,) = torch.autograd.grad(
-                    out, xr, probes, create_graph=create_graph, is_grads_batched=True
-                )
-            except RuntimeError:
-                # A user's score function whose backward cannot be vectorised (a custom
-                # autograd.Function with data-dependent control flow, say): stacked copies.
-                return _divergence_stacked(fn, x, t, probes, exact, create_graph)
-    quad = (vjp * probes).sum(-1)
+        quad = out.new_zeros(out.shape[0])
+        for i in range(k):
+            # One backward pass per probe through the one forward graph.
+            (vjp,) = torch.autograd.grad(
+                out, xr, probes[i], create_graph=create_graph,
+                retain_graph=create_graph or i < k - 1,
+            )
+            if exact:  # e_i^T J e_i: only the i-th coordinate of the VJP is needed
+                quad = quad + vjp[:, i]
+            else:
+                quad = quad + (vjp * probes[i]).sum(-1)
     value = out
     if not create_graph:
         value = value.detach()
         quad = quad.detach()
-    return value, (quad.sum(0) if exact else quad.mean(0))
+    return value, (quad if exact else quad / k)
 
 
 def _divergence_stacked(
@@ -285,9 +254,21 @@ def _resolve_divergence(divergence_: str, d: int, exact_max_dim: int) -> str:
     return divergence_
 
 
-def _default_chunk_size(n_probe_copies: int, budget: int = 2**14) -> int:
-    """Rows per chunk so that the ``rows * probes`` inputs of the backward pass stay near ``budget``."""
-    return max(1, budget // max(1, n_probe_copies))
+def _default_chunk_size(
+    n_probe_copies: int, device: torch.device | str = "cpu", budget: int | None = None
+) -> int:
+    """Rows per chunk so that ``rows * probes`` stays near ``budget`` (per device).
+
+    The CPU runs one backward pass per probe on the chunk's rows, so a chunk of ``budget / d``
+    rows keeps every pass large enough to amortise the per-operation overhead (at ``d = 64``,
+    1,024 rows per pass measured 1.7x faster per row than 256), capped at 8,192 rows, beyond
+    which larger passes stopped paying at ``d = 2`` while the memory of the graph grew.  GPUs
+    stack the probes into one batch of ``rows * probes`` inputs, kept near 16,384.
+    """
+    if budget is None:
+        budget = 2**16 if torch.device(device).type == "cpu" else 2**14
+    rows = max(1, budget // max(1, n_probe_copies))
+    return min(rows, 8192) if torch.device(device).type == "cpu" else rows
 
 
 def ode_log_likelihood(
@@ -308,6 +289,8 @@ def ode_log_likelihood(
     generator: torch.Generator | None = None,
     return_info: bool = False,
     max_num_steps: int | None = _MAX_NUM_STEPS,
+    error_norm: str = "row",
+    time_variable: str = "t",
 ) -> Tensor | tuple[Tensor, ODEInfo]:
     """Per-row log-density (nats) of the probability-flow ODE model.
 
@@ -335,8 +318,8 @@ def ode_log_likelihood(
     exact_max_dim : int
         Largest dimension for which ``"auto"`` picks the exact trace.
     chunk_size : int, optional
-        Rows per solve; by default about 16,384 backward-pass inputs (rows × probes) per
-        function evaluation.
+        Rows per solve; by default (CPU) 65,536 backward-pass inputs (rows × probes) per
+        function evaluation and at most 8,192 rows, (GPU) about 16,384 inputs.
     generator : torch.Generator, optional
         Source of the Hutchinson probes (a fresh generator seeded with 0 when None, so results
         are reproducible).
@@ -345,6 +328,14 @@ def ode_log_likelihood(
     max_num_steps : int or None, default=10000
         Cap on the steps of each adaptive solve (None: no cap); exceeding it, or a step-size
         underflow, raises a ``RuntimeError`` naming the rows instead of running on.
+    error_norm : {"row", "mixed"}, default="row"
+        How an adaptive solver measures a step's error: ``"row"`` holds every row to the
+        tolerances on its own (the largest per-row error decides), so a row's result does not
+        depend on its batch mates beyond the solver's accuracy; ``"mixed"`` is torchdiffeq's
+        RMS over all rows, cheaper but blind to a few hard rows (the earlier behaviour).
+    time_variable : {"t", "log_t"}, default="t"
+        Variable the solver steps in: diffusion time, or its logarithm (more steps near
+        ``eps``).  The value is the same up to the solver's accuracy.
 
     Returns
     -------
@@ -377,14 +368,16 @@ def ode_log_likelihood(
         raise ValueError(f"n_probes must be >= 1, got {n_probes}")
     n, d = x.shape
     eps = sde._resolve_eps(eps)
+    check_error_norm(error_norm)
+    tv = time_variable_(time_variable)
     kind = _resolve_divergence(divergence, d, exact_max_dim)
     copies = d if kind == "exact" else n_probes
     if chunk_size is None:
-        chunk_size = _default_chunk_size(copies)
+        chunk_size = _default_chunk_size(copies, x.device)
     if generator is None:
         generator = torch.Generator(device=x.device).manual_seed(0)
 
-    times = torch.tensor([eps, sde.T], dtype=x.dtype, device=x.device)
+    times = torch.tensor([tv.to_u(eps), tv.to_u(sde.T)], dtype=x.dtype, device=x.device)
     info = ODEInfo(divergence=kind)
     out, prior_lp, delta_lp = [], [], []
     for start in range(0, n, chunk_size):
@@ -401,20 +394,26 @@ def ode_log_likelihood(
         )
         nfe = [0]
 
-        def ode_fn(t: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        def ode_fn(u: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
             nfe[0] += 1
             xs = state[0]
+            t = tv.to_t(u)
             score, div_s = _divergence(
                 score_fn, xs, t.expand(xs.shape[0]), probes, exact=kind == "exact"
             )
             # The SDE's own probability-flow drift and its divergence (t is a scalar here).
-            return sde.ode_drift(xs, t, score), sde.ode_drift_divergence(t, d, div_s)
+            dx, ddelta = sde.ode_drift(xs, t, score), sde.ode_drift_divergence(t, d, div_s)
+            if tv.name == "t":
+                return dx, ddelta
+            dt_du = tv.dt_du(t)
+            return dx * dt_du, ddelta * dt_du
 
         state0 = (xc, torch.zeros(m, dtype=x.dtype, device=x.device))
         with torch.no_grad():
-            xs, delta = _odeint(
+            xs, delta = odeint_checked(
                 ode_fn, state0, times, rtol=rtol, atol=atol, method=method, options=options,
                 max_num_steps=max_num_steps, what=f"rows {start}..{start + m - 1}",
+                error_norm=error_norm,
             )
         x_T, delta_T = xs[-1], delta[-1]
         plp = sde.prior_log_prob(x_T)

@@ -338,7 +338,7 @@ def test_divergence_falls_back_when_the_backward_cannot_be_vectorised():
 
 @pytest.mark.parametrize("exact", [True, False])
 def test_stacked_and_vectorised_divergence_agree(monkeypatch, exact):
-    # CPUs vectorise the backward over the probes, GPUs push stacked copies (the faster way on
+    # CPUs share one forward pass among the probes, GPUs push stacked copies (the faster way on
     # each, _vectorise_probes); both must give the same numbers.
     import skscoreflow.likelihood as lik
 
