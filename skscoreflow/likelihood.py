@@ -139,8 +139,8 @@ def _vectorise_probes(device: torch.device) -> bool:
     graph (``retain_graph``), about half the work of pushing ``k`` stacked copies of the batch
     through both passes.  A single backward vectorised over the probes
     (``is_grads_batched``) does the same arithmetic but falls back to per-probe loops and
-    copies inside several backward kernels (SiLU, layer norm): the plain loop measured 1.1x
-    faster at ``d = 2`` and 1.7x at ``d = 64`` (``docs/benchmarks/engine.md``).  On a GPU the
+    copies inside several backward kernels (SiLU, layer norm), so the plain loop is faster
+    (measured in the user guide's divergence section).  On a GPU the
     ``k`` stacked copies form one wide batch that the device runs in parallel, so GPUs keep
     them (``docs/user_guide/gpu.rst`` and ``docs/benchmarks/speed_gpu.md``).
     """
@@ -260,10 +260,9 @@ def _default_chunk_size(
     """Rows per chunk so that ``rows * probes`` stays near ``budget`` (per device).
 
     The CPU runs one backward pass per probe on the chunk's rows, so a chunk of ``budget / d``
-    rows keeps every pass large enough to amortise the per-operation overhead (at ``d = 64``,
-    1,024 rows per pass measured 1.7x faster per row than 256), capped at 8,192 rows, beyond
-    which larger passes stopped paying at ``d = 2`` while the memory of the graph grew.  GPUs
-    stack the probes into one batch of ``rows * probes`` inputs, kept near 16,384.
+    rows keeps every pass large enough to amortise the per-operation overhead, capped at 8,192
+    rows, beyond which larger passes stop paying at small ``d`` while the memory of the graph
+    grows.  GPUs stack the probes into one batch of ``rows * probes`` inputs, kept near 16,384.
     """
     if budget is None:
         budget = 2**16 if torch.device(device).type == "cpu" else 2**14
