@@ -759,7 +759,8 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
             Seed of the sampler (None: fresh randomness).
         method : {"ode", "sde"}, default="ode"
             Probability-flow ODE (the estimator's solver, stepping in ``log t`` at ten times
-            its tolerances) or reverse-SDE (Euler-Maruyama predictor) sampling.
+            its tolerances; a fixed-step solver takes 100 steps uniform in ``log t``) or
+            reverse-SDE (Euler-Maruyama predictor) sampling.
         n_steps : int, default=1000
             Predictor steps of the ``"sde"`` sampler (ignored by ``"ode"``).
         corrector : bool, default=False

@@ -207,6 +207,8 @@ def _divergence(
         xr = x.detach().requires_grad_(True)
         out = fn(xr, t)
         quad = out.new_zeros(out.shape[0])
+        # exact: probes[i] is the i-th basis vector of every row (_make_probes("exact")).
+        assert not exact or k == x.shape[1], "exact divergence needs the d basis probes"
         for i in range(k):
             # One backward pass per probe through the one forward graph.
             (vjp,) = torch.autograd.grad(

@@ -190,7 +190,7 @@ def ode_sample(
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
     max_num_steps: int | None = _MAX_NUM_STEPS,
-    time_variable: str = "log_t",
+    time_variable: str = "t",
     error_norm: str = "mixed",
 ) -> Tensor:
     """Probability-flow ODE sampling from ``T`` to ``eps``, then the denoising step.
@@ -226,10 +226,11 @@ def ode_sample(
     max_num_steps : int or None, default=10000
         Cap on the solver's steps (None: no cap); see
         :func:`~skscoreflow.likelihood.ode_log_likelihood`.
-    time_variable : {"log_t", "t"}, default="log_t"
-        Variable the solver steps in.  ``"log_t"`` places the steps evenly in ``log t``, where
-        the flow is smooth, and needs far fewer network evaluations for samples of the same
-        quality than ``"t"`` (the earlier behaviour); see ``docs/benchmarks/engine.md``.
+    time_variable : {"t", "log_t"}, default="t"
+        Variable the solver steps in (a fixed-step solver's ``step_size`` is in its units).
+        ``"log_t"`` places the steps evenly in ``log t``, where the flow is smooth, and needs far
+        fewer network evaluations for samples of the same quality
+        (``ScoreFlowDensity.sample`` uses it; see ``docs/benchmarks/engine.md``).
     error_norm : {"mixed", "row"}, default="mixed"
         The adaptive solver's error norm (see
         :func:`~skscoreflow.likelihood.ode_log_likelihood`); samples are judged as a whole, so

@@ -327,7 +327,7 @@ class _SquareWithBranchyBackward(torch.autograd.Function):
         return torch.zeros_like(x)
 
 
-def test_divergence_falls_back_when_the_backward_cannot_be_vectorised():
+def test_divergence_handles_a_backward_that_cannot_be_vectorised():
     x = torch.randn(6, 3, dtype=F64)
     t = torch.zeros(6, dtype=F64)
     fn = lambda a, b: _SquareWithBranchyBackward.apply(a)  # noqa: E731

@@ -212,3 +212,25 @@ def test_estimator_fixed_step_sampler_spans_log_t():
     assert kw["time_variable"] == "log_t"
     assert kw["options"]["step_size"] == pytest.approx(-math.log(1e-3) / 100)
     assert est.sample(10, random_state=0).shape == (10, 2)
+
+
+def test_estimator_samples_in_log_t_at_ten_times_its_tolerances(monkeypatch):
+    from skscoreflow import ScoreFlowDensity
+    from skscoreflow import sampling
+
+    X = np.random.default_rng(0).normal(size=(200, 2))
+    est = ScoreFlowDensity(max_iter=5, batch_size=64, rtol=2e-5, atol=3e-5, random_state=0).fit(X)
+    seen = {}
+    real = sampling._SAMPLERS["ode"]
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setitem(sampling._SAMPLERS, "ode", spy)
+    est.sample(5, random_state=0)
+    assert seen["time_variable"] == "log_t"
+    assert seen["rtol"] == pytest.approx(2e-4) and seen["atol"] == pytest.approx(3e-4)
+    # score_samples keeps the estimator's own tolerances, in t.
+    assert est._solver_kwargs(est.eps_)["rtol"] == 2e-5
+    assert est._solver_kwargs(est.eps_)["time_variable"] == "t"
