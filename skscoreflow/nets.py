@@ -171,9 +171,8 @@ def _shared_time(t: Tensor) -> Tensor:
 
     The ODE solvers evaluate all rows at one time and pass ``t.expand(n)``: the time features
     (noise-level embedding, its MLP, each block's projection of it) are then computed once and
-    broadcast over the rows instead of ``n`` times (on a 2-D model about a quarter of the
-    forward pass).  Only a stride-0 view qualifies, so the check costs nothing and can never
-    merge rows whose times differ.
+    broadcast over the rows instead of ``n`` times.  Only a stride-0 view qualifies, so the
+    check costs nothing and can never merge rows whose times differ.
     """
     if t.ndim == 1 and t.shape[0] > 1 and t.stride(0) == 0:
         return t[:1]
