@@ -39,7 +39,9 @@ def run(d: int, n: int, n_test: int, max_iter: int | None, seed: int) -> list[di
     def scoreflow():
         params = {} if max_iter is None else {"max_iter": max_iter}
         est = ScoreFlowDensity(random_state=seed, **params).fit(X)
-        return est, f"max_iter={est.max_iter}, n_iter={est.n_iter_}"
+        return est, (f"{est.n_iter_} of {est.max_iter} steps, early_stopping_="
+                     f"{est.early_stopping_}, dropout_={est.dropout_}, "
+                     f"gaussian_reference_={est.gaussian_reference_!r}")
 
     def gmm():
         est, k = fit_gmm(X, components=(1, 2, 4, 8, 16, 32, 64, 128), seed=seed)
@@ -84,16 +86,26 @@ def main() -> None:
                         help="ScoreFlow and flow steps (default: ScoreFlow's default)")
     parser.add_argument("--quick", action="store_true", help="d = 2, 4; n = 1,000; 300 steps")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--name", default=None, help="output name (default dims / dims_quick)")
     parser.add_argument("--out-dir", default=None)
     args = parser.parse_args()
     if args.quick:
         args.dims, args.n, args.n_test, args.max_iter = [2, 4], [1_000], 1_000, 300
+    import torch
+
+    torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    rows = [r for d in args.dims for n in args.n
-            for r in run(d, n, args.n_test, args.max_iter, args.seed)]
-    df = pd.DataFrame(rows)
+    rows: list[dict] = []
     name = args.name or ("dims_quick" if args.quick else "dims")
+    for d in args.dims:
+        for n in args.n:
+            rows += run(d, n, args.n_test, args.max_iter, args.seed)
+            # Written after every (d, n): a long run leaves its finished part behind.
+            write(pd.DataFrame(rows), name, args, time.perf_counter() - t0)
+
+
+def write(df: pd.DataFrame, name: str, args: argparse.Namespace, seconds: float) -> None:
     cmd = "python " + " ".join(["benchmarks/bench_dims.py", *sys.argv[1:]])
     notes = f"""
 Known-truth family `skscoreflow.datasets.ProductDensity(d, rotate=True)`: independent pairs of
@@ -101,7 +113,7 @@ the built-in 2-D sets (checkerboard, 8gaussians, moons, circles, rings, 2spirals
 by a random orthogonal rotation.  `gap_per_dim`: (mean true log-density - mean model
 log-density) / d on {args.n_test:,} held-out rows, nats per dimension (lower is better; 0 is
 the truth), `se_per_dim` its paired standard error.  Fit and evaluation seconds on this shared
-2-core machine, with the load.  Command: `{cmd}` ({(time.perf_counter() - t0) / 60:.1f} min).
+2-core machine, with the load.  Command: `{cmd}` ({seconds / 60:.1f} min).
 """
     write_table(df, name, "Quality as the dimension grows (known-truth product densities)",
                 notes, out_dir=args.out_dir or os.path.join(os.path.dirname(__file__), "..",

@@ -37,7 +37,8 @@ FORMAT = 1
 # on any number of them.
 _NOT_FINGERPRINTED = ("verbose", "checkpoint_path", "checkpoint_every", "distributed")
 #: Fitted attributes ``fit`` derives from the parameters and the data before training.
-_DERIVED = ("mean_", "scale_", "data_min_", "data_max_", "eps_", "fourier_features_")
+_DERIVED = ("mean_", "scale_", "data_min_", "data_max_", "eps_", "fourier_features_",
+            "dropout_", "gaussian_reference_", "reference_covariance_")
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:

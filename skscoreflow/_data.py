@@ -94,6 +94,27 @@ def column_moments(X: Any, chunk_rows: int | None = None) -> tuple[np.ndarray, n
     return moments.mean, moments.var
 
 
+def standardized_covariance(X: Any, mean: np.ndarray, scale: np.ndarray, *,
+                            dequantized: bool = False,
+                            chunk_rows: int | None = None) -> np.ndarray:
+    """Population covariance of ``(X - mean) / scale`` in float64, one chunk of rows at a time
+    (of ``X + u``, ``u ~ U[0, 1)`` independent, when ``dequantized``: ``+ I / 12`` before
+    scaling)."""
+    d = X.shape[1]
+    sums, cross = np.zeros(d), np.zeros((d, d))
+    for rows in chunks(X.shape[0], chunk_rows):
+        Z = np.asarray(X[rows]).astype(np.float64, copy=False) - mean
+        sums += Z.sum(axis=0)
+        cross += Z.T @ Z
+    n = max(X.shape[0], 1)
+    m = sums / n
+    cov = cross / n - np.outer(m, m)
+    if dequantized:
+        cov = cov + np.eye(d) / 12.0
+    cov = cov / np.outer(scale, scale)
+    return (cov + cov.T) / 2
+
+
 def scan(
     X: Any,
     *,

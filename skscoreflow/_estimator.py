@@ -71,9 +71,18 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
         level; 0 for none.  "auto": 128 for at most 2 features, else 0 (``fourier_features_``).
     fourier_scale : float, default=0.35
         Std (in cycles) of a standard-normal row's projection on a frequency; lower is smoother.
+    gaussian_reference : {"auto", "full", "diagonal"}, default="auto"
+        The Gaussian the score network learns its departure from (the untrained model's
+        density, see :class:`~skscoreflow.nets.ScoreMLP`): "full", the Gaussian with the
+        training rows' mean and covariance; "diagonal", the one with their column means and
+        variances.  "auto": "full" below 20,000 rows (with more than one feature), else
+        "diagonal" (``gaussian_reference_``).
+    dropout : float in [0, 1) or "auto", default="auto"
+        Dropout in the score network's residual blocks.  "auto": 0.3 up to 1,000 rows, 0 from
+        10,000, linear in ``log10(n_samples)`` between (``dropout_``).
     max_iter : int, default=10000
-        Optimizer steps, the budget that dominates the likelihood (small data: add
-        ``early_stopping=True``).
+        Optimizer steps, the budget that dominates the likelihood (an upper bound when early
+        stopping is on).
     batch_size : int, default=1024
         Rows per optimizer step (capped at the number of training rows).
     learning_rate : float, default=2e-3
@@ -95,9 +104,10 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
         "midpoint", "euler".
     divergence : {"auto", "exact", "hutchinson"}, default="auto"
         ODE divergence; "auto" is exact up to 16 features and for dequantized models.
-    early_stopping : bool, default=False
+    early_stopping : bool or "auto", default="auto"
         Track the likelihood bound on ``validation_fraction`` of the rows, stop when it stops
-        improving and restore the best weights.
+        improving and restore the best weights.  "auto": on below 20,000 rows
+        (``early_stopping_``); only an explicit True warns when it never triggers.
     validation_fraction : float, default=0.1
         Fraction of rows held out when ``early_stopping``.
     n_iter_no_change : int, default=10
@@ -154,6 +164,16 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
         The smallest diffusion time in use.
     fourier_features_ : int
         Fourier frequencies of the score network (``fourier_features`` with "auto" resolved).
+    early_stopping_ : bool
+        Whether the last ``fit`` used early stopping (``early_stopping`` resolved; False after
+        ``partial_fit``).
+    dropout_ : float
+        Dropout of the score network (``dropout`` resolved).
+    gaussian_reference_ : {"full", "diagonal"}
+        The score network's Gaussian reference (``gaussian_reference`` resolved).
+    reference_covariance_ : ndarray of shape (n_features, n_features) or None
+        Covariance of the standardised training rows (of ``x + u`` for dequantized data), the
+        full reference; None for "diagonal".
     mean_, scale_ : ndarray of shape (n_features,)
         Standardisation applied before the diffusion.
     dequantizer_ : VariationalDequantizer or None
@@ -166,9 +186,9 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
         Training loss of every step.
     validation_scores_ : list of float or None
         Mean likelihood bound (nats per row, in X's units) on the validation rows at each
-        validation, when ``early_stopping``.
+        validation, when ``early_stopping_``.
     best_validation_score_ : float or None
-        Best of ``validation_scores_``, when ``early_stopping``.
+        Best of ``validation_scores_``, when ``early_stopping_``.
     fit_time_ : float
         Seconds spent training.
     world_size_ : int
@@ -212,6 +232,8 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
         hidden_layer_sizes: tuple[int, ...] = (128, 128, 128),
         fourier_features: int | str = "auto",
         fourier_scale: float = 0.35,
+        gaussian_reference: str = "auto",
+        dropout: float | str = "auto",
         max_iter: int = 10000,
         batch_size: int = 1024,
         learning_rate: float = 2e-3,
@@ -221,7 +243,7 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
         atol: float = 1e-5,
         solver: str = "dopri5",
         divergence: str = "auto",
-        early_stopping: bool = False,
+        early_stopping: bool | str = "auto",
         validation_fraction: float = 0.1,
         n_iter_no_change: int = 10,
         tol: float = 1e-4,
@@ -246,6 +268,8 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
         self.hidden_layer_sizes = hidden_layer_sizes
         self.fourier_features = fourier_features
         self.fourier_scale = fourier_scale
+        self.gaussian_reference = gaussian_reference
+        self.dropout = dropout
         self.max_iter = max_iter
         self.batch_size = batch_size
         self.learning_rate = learning_rate
@@ -337,6 +361,7 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
         X, summary = self._validated(X, reset=not warm)
         if warm:
             _params.check_warm_start(self)
+        self.early_stopping_ = _params.resolve_early_stopping(self.early_stopping, X.shape[0])
         device = _distributed.local_device(_params.resolve_device(self.device))
         group = _distributed.resolve_group(self.distributed, device)
         main = group is None or group.is_main
@@ -367,6 +392,7 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
             # All rows (no validation split): no index array of the size of the data.
             rows = None if val_idx is None else train_idx
             X_train, batch_transform = self._training_rows(X, rows)
+            n_train = X.shape[0] if rows is None else len(rows)
 
             def loop_kwargs(phase: str, score_state: Any = None) -> dict[str, Any]:
                 kwargs = {} if ckpt is None else ckpt.loop_kwargs(self, seed, phase, score_state)
@@ -390,7 +416,8 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
                             net, X_train, self.sde_, eps=self.eps_, generator=self._generator(seed),
                             batch_transform=batch_transform, validation_fn=validation_fn,
                             state=state_in, shuffle=bool(self.shuffle),
-                            **{**_params.training_kwargs(self), "verbose": verbose},
+                            **{**_params.training_kwargs(self, n_train),
+                               "verbose": verbose},
                             **loop_kwargs("score"),
                         )
                     except NonFiniteLossError:
@@ -435,9 +462,11 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
         final rate is kept).  The first call (on an unfitted estimator) fixes the
         standardisation from its chunk.  Early stopping is not used.  With
         ``dequantization="variational"`` the dequantizer takes as many steps on the chunk
-        against the current score model.  Over chunks of ``batch_size`` rows, with
-        ``shuffle=False`` and ``standardize=False``, the calls equal one ``fit`` on their
-        concatenation (same ``random_state``, ``max_iter`` = number of chunks).  Inside a
+        against the current score model.  The "auto" settings resolve from the first chunk
+        (``dropout_``, ``gaussian_reference_``).  Over chunks of ``batch_size`` rows, with
+        ``shuffle=False``, ``standardize=False``, ``early_stopping=False``,
+        ``gaussian_reference="diagonal"`` and a fixed ``dropout``, the calls equal one ``fit``
+        on their concatenation (same ``random_state``, ``max_iter`` = number of chunks).  Inside a
         ``torch.distributed`` job (``distributed``) every process passes the same chunk and
         each step is data-parallel, as in ``fit``.
 
@@ -457,6 +486,7 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
         X, summary = self._validated(X, reset=first)
         if not first:
             _params.check_warm_start(self)
+        self.early_stopping_ = False  # a stream has no held-out rows
         seed = _params.seed_from(self.random_state)
         device = _distributed.local_device(_params.resolve_device(self.device))
         group = _distributed.resolve_group(self.distributed, device)

@@ -523,6 +523,32 @@ def _optimize(
             "fit_time": fit_time0 + time.perf_counter() - start,
         })
 
+    def validate() -> bool:
+        """Score the EMA weights on the validation rows; whether early stopping stops now."""
+        nonlocal no_improve
+        ema_model.eval()
+        score = float(validation_fn(ema_model))
+        if group is not None:  # one decision for all ranks: rank 0's score
+            score = float(group.broadcast_object(score))
+        state.validation_scores.append(score)
+        state.validation_iters.append(state.n_iter)
+        if verbose > 0:
+            logger.info("step %d: validation score %.5f", state.n_iter, score)
+        best = state.best_validation_score
+        if best is None or score > best + tol:
+            state.best_validation_score = score
+            state.best_state = copy.deepcopy(ema_model.state_dict())
+            no_improve = 0
+        else:
+            no_improve += 1
+        return early_stopping and no_improve >= n_iter_no_change
+
+    if validation_fn is not None and resume is None and state.n_iter == 0:
+        # The untrained model is the first candidate (for the score networks, their Gaussian
+        # reference): early stopping never keeps weights that score worse on the validation
+        # rows than the start.  The validation draws its own seeded randomness, so the
+        # training stream is unchanged.
+        validate()
     progress = _Progress(max_iter, verbose, name, start=first)
     # The training forward passes go through DDP (wrapped after any resumed weights are in);
     # everything else uses the plain module.
@@ -581,22 +607,7 @@ def _optimize(
 
                     last = it == max_iter - 1
                     if validation_fn is not None and ((it + 1) % validation_interval == 0 or last):
-                        ema_model.eval()
-                        score = float(validation_fn(ema_model))
-                        if group is not None:  # one decision for all ranks: rank 0's score
-                            score = float(group.broadcast_object(score))
-                        state.validation_scores.append(score)
-                        state.validation_iters.append(state.n_iter)
-                        if verbose > 0:
-                            logger.info("step %d: validation score %.5f", state.n_iter, score)
-                        best = state.best_validation_score
-                        if best is None or score > best + tol:
-                            state.best_validation_score = score
-                            state.best_state = copy.deepcopy(ema_model.state_dict())
-                            no_improve = 0
-                        else:
-                            no_improve += 1
-                        if early_stopping and no_improve >= n_iter_no_change:
+                        if validate():
                             state.stopped_early = True
                             break
                     completed = it + 1

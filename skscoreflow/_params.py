@@ -44,6 +44,16 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 #: ``_AUTO_FOURIER_MAX_FEATURES`` features, none for wider data.
 _AUTO_FOURIER_FEATURES = 128
 _AUTO_FOURIER_MAX_FEATURES = 2
+#: ``early_stopping`` and ``gaussian_reference`` "auto" switch to their small-data settings
+#: (early stopping, a full-covariance Gaussian reference) below this many rows, where
+#: overfitting was measured to matter (the user guide's "Defaults that adapt to the data").
+_SMALL_DATA_MAX_ROWS = 20_000
+#: ``dropout="auto"``: this much up to the first row count, none from the second, log-linear
+#: between (0.3 helped at 1,000 rows and hurt at 10,000, where early stopping suffices).
+_AUTO_DROPOUT = 0.3
+_AUTO_DROPOUT_ROWS = (1_000, 10_000)
+#: Early stopping validates about every this many epochs (see :func:`validation_interval`).
+_VALIDATION_EPOCHS = 50
 
 
 class _Ints(Interval):
@@ -73,6 +83,8 @@ PARAMETER_CONSTRAINTS: dict[str, list[Any]] = {
     "hidden_layer_sizes": ["array-like", _positive_int],
     "fourier_features": [_Ints(0), StrOptions({"auto"})],
     "fourier_scale": [_positive_real],
+    "gaussian_reference": [StrOptions({"auto", "full", "diagonal"})],
+    "dropout": [Interval(Real, 0, 1, closed="left"), StrOptions({"auto"})],
     "max_iter": [_positive_int],
     "batch_size": [_positive_int],
     "learning_rate": [_positive_real],
@@ -82,7 +94,7 @@ PARAMETER_CONSTRAINTS: dict[str, list[Any]] = {
     "atol": [_positive_real],
     "solver": [StrOptions(set(_ADAPTIVE_SOLVERS + _FIXED_SOLVERS))],
     "divergence": [StrOptions(set(_DIVERGENCES))],
-    "early_stopping": ["boolean"],
+    "early_stopping": ["boolean", StrOptions({"auto"})],
     "validation_fraction": [_unit_open],
     "n_iter_no_change": [_positive_int],
     "tol": [Interval(Real, 0, None, closed="left")],
@@ -151,6 +163,36 @@ def fourier_count(fourier_features: int | str, n_features: int) -> int:
     return int(fourier_features)
 
 
+def small_data(n_samples: int) -> bool:
+    """Whether a fit of ``n_samples`` rows gets the small-data recipe of the "auto" settings."""
+    return n_samples < _SMALL_DATA_MAX_ROWS
+
+
+def resolve_early_stopping(early_stopping: bool | str, n_samples: int) -> bool:
+    """``early_stopping`` with "auto" resolved for ``n_samples`` training rows."""
+    if isinstance(early_stopping, str):
+        return small_data(n_samples)
+    return bool(early_stopping)
+
+
+def resolve_gaussian_reference(gaussian_reference: str, n_samples: int, n_features: int) -> str:
+    """``gaussian_reference`` with "auto" resolved for the shape of the training data."""
+    if gaussian_reference == "auto":
+        return "full" if small_data(n_samples) and n_features > 1 else "diagonal"
+    return gaussian_reference
+
+
+def resolve_dropout(dropout: float | str, n_samples: int) -> float:
+    """``dropout`` with "auto" resolved for ``n_samples`` training rows: ``_AUTO_DROPOUT`` up
+    to ``_AUTO_DROPOUT_ROWS[0]`` rows, none from ``_AUTO_DROPOUT_ROWS[1]``, linear in
+    ``log(n_samples)`` between (rounded to 0.01)."""
+    if not isinstance(dropout, str):
+        return float(dropout)
+    lo, hi = _AUTO_DROPOUT_ROWS
+    share = (math.log(hi) - math.log(max(n_samples, 1))) / (math.log(hi) - math.log(lo))
+    return round(_AUTO_DROPOUT * min(1.0, max(0.0, share)), 2)
+
+
 def seed_from(random_state: Any) -> int:
     """A 31-bit seed drawn from ``random_state`` (scikit-learn's ``check_random_state``)."""
     return int(check_random_state(random_state).randint(0, 2**31 - 1))
@@ -172,6 +214,8 @@ def structure(est: Any) -> dict[str, Any]:
         "hidden_layer_sizes": list(layer_sizes("hidden_layer_sizes", est.hidden_layer_sizes)),
         "fourier_features": fourier_count(est.fourier_features, est.n_features_in_),
         "fourier_scale": float(est.fourier_scale),
+        "gaussian_reference": est.gaussian_reference,
+        "dropout": est.dropout,
         "dequantization": est.dequantization,
         "standardize": bool(est.standardize),
         "dtype": est.dtype,
@@ -184,8 +228,20 @@ def validate(constraints: dict[str, list[Any]], params: dict[str, Any], caller: 
     validate_parameter_constraints(constraints, {k: params[k] for k in constraints}, caller)
 
 
-def training_kwargs(est: Any) -> dict[str, Any]:
-    """The keyword arguments of ``train_score_model`` that follow from the parameters."""
+def validation_interval(max_iter: int, n_train: int | None, batch_size: int) -> int:
+    """Steps between validations: every ``_VALIDATION_EPOCHS`` epochs of the training rows,
+    within ``[50, max(50, max_iter // 50)]`` steps (small data reach their best within a few
+    hundred full-batch steps, so they are checked that often)."""
+    longest = max(50, max_iter // 50)
+    if n_train is None:
+        return longest
+    epoch = math.ceil(n_train / min(batch_size, n_train))
+    return min(longest, max(50, _VALIDATION_EPOCHS * epoch))
+
+
+def training_kwargs(est: Any, n_train: int | None = None) -> dict[str, Any]:
+    """The keyword arguments of ``train_score_model`` that follow from the parameters (and the
+    number of training rows, which sets the validation interval)."""
     max_iter = int(est.max_iter)
     return {
         "weighting": est.weighting,
@@ -194,8 +250,8 @@ def training_kwargs(est: Any) -> dict[str, Any]:
         "learning_rate": float(est.learning_rate),
         "warmup": min(200, max(1, max_iter // 10)),
         "ema_decay": float(est.ema_decay),
-        "validation_interval": max(50, max_iter // 50),
-        "early_stopping": bool(est.early_stopping),
+        "validation_interval": validation_interval(max_iter, n_train, int(est.batch_size)),
+        "early_stopping": bool(est.early_stopping_),
         "n_iter_no_change": int(est.n_iter_no_change),
         "tol": float(est.tol),
         "verbose": int(est.verbose),
@@ -204,7 +260,7 @@ def training_kwargs(est: Any) -> dict[str, Any]:
 
 def split(est: Any, n: int, rng: Any) -> tuple[Any, Any]:
     """Training and validation row indices; (None, None) without early stopping (all rows train)."""
-    if not est.early_stopping:
+    if not est.early_stopping_:
         return None, None
     n_val = int(math.ceil(est.validation_fraction * n))
     if n_val < 1 or n - n_val < 1:
@@ -241,7 +297,7 @@ def interrupted(est: Any, state: Any, deq_state: Any, ckpt: Any) -> None:
     if state.interrupted:
         where = (f"score-model training was interrupted after step {state.n_iter} "
                  f"(max_iter={est.max_iter})")
-        held = "the weights of that step" + (", or the best ones" if est.early_stopping else "")
+        held = "the weights of that step" + (", or the best ones" if est.early_stopping_ else "")
         if est.dequantization == "variational":
             held += "; the variational dequantizer was not trained (uniform dequantization)"
     else:
@@ -286,7 +342,8 @@ def new_network(est: Any, sizes: tuple[int, ...], seed: int) -> torch.nn.Module:
 
     with _seeded_global_rng(seed, est.device_):
         net = ScoreMLP(est.n_features_in_, est.sde_, sizes, fourier_features=est.fourier_features_,
-                       fourier_scale=float(est.fourier_scale))
+                       fourier_scale=float(est.fourier_scale), dropout=est.dropout_,
+                       reference_covariance=est.reference_covariance_)
     return net.to(device=est.device_, dtype=_DTYPES[est.dtype])
 
 
@@ -335,13 +392,24 @@ def derive(est: Any, X: Any, summary: dict[str, Any] | None = None) -> None:
     est.mean_, est.scale_ = st.mean, st.scale
     est.data_min_ = np.asarray(lo, dtype=np.float64) if deq else None
     est.data_max_ = np.asarray(hi, dtype=np.float64) if deq else None
+    n, d = X.shape
+    est.dropout_ = resolve_dropout(est.dropout, n)
+    est.gaussian_reference_ = resolve_gaussian_reference(est.gaussian_reference, n, d)
+    est.reference_covariance_ = None
+    if est.gaussian_reference_ == "full":
+        from ._data import standardized_covariance
+
+        est.reference_covariance_ = standardized_covariance(
+            X, est.mean_ - (0.5 if deq else 0.0), est.scale_, dequantized=deq)
 
 
 def set_score_state(est: Any, state: Any, warn: bool = True) -> None:
     """The fitted attributes of a (finished or interrupted) score-model training run."""
     from sklearn.exceptions import ConvergenceWarning
 
-    if warn and est.early_stopping and not (state.stopped_early or state.interrupted):
+    # Only an explicit request warns: "auto" keeps the best weights of the budget silently.
+    if (warn and not isinstance(est.early_stopping, str) and est.early_stopping_
+            and not (state.stopped_early or state.interrupted)):
         warnings.warn(
             f"early stopping did not trigger within max_iter={est.max_iter} steps; the "
             "validation score may still be improving",
@@ -352,8 +420,8 @@ def set_score_state(est: Any, state: Any, warn: bool = True) -> None:
     est.network_ = state.ema_model
     est.n_iter_ = state.n_iter
     est.loss_curve_ = list(state.loss_curve)
-    est.validation_scores_ = list(state.validation_scores) if est.early_stopping else None
-    est.best_validation_score_ = state.best_validation_score if est.early_stopping else None
+    est.validation_scores_ = list(state.validation_scores) if est.early_stopping_ else None
+    est.best_validation_score_ = state.best_validation_score if est.early_stopping_ else None
     est.fit_time_ = state.fit_time
     est.dequantizer_ = est.dequantizer_loss_curve_ = None
 

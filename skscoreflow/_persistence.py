@@ -32,7 +32,8 @@ __all__: list[str] = []
 #: 2: an SDE-instance parameter is stored as ``{"__sde__": {name, config}}`` (1 had none).
 FORMAT_VERSION = 2
 #: Fitted array attributes restored from JSON lists by ``load``.
-_ARRAYS = ("mean_", "scale_", "data_min_", "data_max_", "feature_names_in_")
+_ARRAYS = ("mean_", "scale_", "data_min_", "data_max_", "feature_names_in_",
+           "reference_covariance_")
 
 
 def _cpu(obj: Any) -> Any:

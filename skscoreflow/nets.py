@@ -32,6 +32,9 @@ from .sde import SDE, get_sde
 
 __all__ = ["ScoreMLP"]
 
+#: Floor of the eigenvalues of a full reference covariance (in standardised units).
+_MIN_REFERENCE_EIGENVALUE = 1e-4
+
 
 class _NoiseLevelEmbedding(nn.Module):
     """Sinusoidal features (sin and cos) of ``log sigma`` at geometric frequencies.
@@ -215,6 +218,10 @@ class ScoreMLP(nn.Module):
         the coordinates alone.
     fourier_scale : float
         Their frequency scale.
+    reference_covariance : array-like of shape (n_features, n_features), optional
+        Covariance ``C`` of a full Gaussian reference ``N(0, C)`` (symmetric; eigenvalues below
+        1e-4 are raised to it).  The untrained network is then the exact score of ``N(0, C)``
+        data, ``-(alpha^2 C + sigma^2 I)^-1 x``, instead of that of ``N(0, I)``.
 
     Notes
     -----
@@ -235,6 +242,14 @@ class ScoreMLP(nn.Module):
     >>> ref = -x / (sde.mean_coeff(t) ** 2 + sde.std(t) ** 2)[:, None]
     >>> bool(torch.allclose(net(x, t), ref, atol=1e-5))
     True
+    >>> # With a full reference: the exact score of N(0, C) data.
+    >>> C = torch.tensor([[1.0, 0.8, 0.0], [0.8, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    >>> net = ScoreMLP(3, sde, hidden_layer_sizes=(16,), reference_covariance=C)
+    >>> a2, s2 = sde.mean_coeff(t) ** 2, sde.std(t) ** 2
+    >>> ref = -torch.linalg.solve(a2[:, None, None] * C + s2[:, None, None] * torch.eye(3),
+    ...                           x[:, :, None])[:, :, 0]
+    >>> bool(torch.allclose(net(x, t), ref, atol=1e-5))
+    True
     """
 
     def __init__(
@@ -246,6 +261,7 @@ class ScoreMLP(nn.Module):
         dropout: float = 0.0,
         fourier_features: int = 0,
         fourier_scale: float = 0.35,
+        reference_covariance: Any = None,
     ) -> None:
         super().__init__()
         sizes = tuple(int(h) for h in hidden_layer_sizes)
@@ -277,6 +293,23 @@ class ScoreMLP(nn.Module):
         self.blocks = nn.ModuleList(
             _ResBlock(widths[i], widths[i + 1], emb_hidden, dropout) for i in range(len(sizes))
         )
+        # A full-covariance Gaussian reference, kept as its eigendecomposition (buffers, so
+        # they travel with the state dict): the score of N(0, C) diffused is
+        # -(alpha^2 C + sigma^2 I)^-1 x, i.e. 1 / (alpha^2 lambda + sigma^2) on C's eigenvectors.
+        self.full_reference = reference_covariance is not None
+        if self.full_reference:
+            cov = torch.as_tensor(reference_covariance, dtype=torch.float64)
+            if cov.shape != (self.n_features, self.n_features):
+                raise ValueError(f"reference_covariance must have shape ({self.n_features}, "
+                                 f"{self.n_features}), got {tuple(cov.shape)}")
+            if not bool(torch.isfinite(cov).all()):
+                raise ValueError("reference_covariance must be finite")
+            eigvals, eigvecs = torch.linalg.eigh((cov + cov.T) / 2)
+            # Collinear or constant columns give (near-)zero eigenvalues: floored so that the
+            # reference stays a proper density with a bounded score at every noise level.
+            eigvals = eigvals.clamp_min(_MIN_REFERENCE_EIGENVALUE)
+            self.register_buffer("ref_eigvals", eigvals.float())
+            self.register_buffer("ref_eigvecs", eigvecs.float())
         self.out_norm = nn.LayerNorm(sizes[-1])
         self.out = nn.Linear(sizes[-1], self.n_features)
         # Zero output: the untrained model is the Gaussian reference (see module docstring).
@@ -299,6 +332,7 @@ class ScoreMLP(nn.Module):
             "dropout": self.dropout,
             "fourier_features": self.fourier_features,
             "fourier_scale": self.fourier_scale,
+            "full_reference": self.full_reference,
         }
 
     @classmethod
@@ -322,7 +356,36 @@ class ScoreMLP(nn.Module):
         sde_cfg = dict(cfg.pop("sde"))
         if sde is None:
             sde = get_sde(sde_cfg.pop("name"), **sde_cfg)
+        if cfg.pop("full_reference", False):
+            # A placeholder of the right shape: the state dict brings the real one.
+            cfg["reference_covariance"] = torch.eye(int(cfg["n_features"]))
         return cls(sde=sde, **cfg)
+
+    def reference_noise(self, x: Tensor, t: Tensor) -> Tensor:
+        """The Gaussian reference's exact noise prediction (what the untrained network predicts).
+
+        ``sigma (alpha^2 C + sigma^2 I)^-1 x`` for the full reference covariance ``C``, else
+        the SDE's ``N(0, I)`` reference (:meth:`~skscoreflow.sde.SDE.reference_noise`).
+
+        Parameters
+        ----------
+        x : Tensor of shape (n, d)
+            Noisy inputs ``x_t``.
+        t : Tensor of shape (n,)
+            Time.
+
+        Returns
+        -------
+        Tensor of shape (n, d)
+            The reference's noise prediction.
+        """
+        if not self.full_reference:
+            return self.sde.reference_noise(x, t)
+        sigma = self.sde.std(t)[:, None]
+        alpha2 = self.sde.mean_coeff(t)[:, None] ** 2
+        vecs = self.ref_eigvecs.to(x.dtype)
+        coef = sigma / (alpha2 * self.ref_eigvals.to(x.dtype) + sigma**2)
+        return ((x @ vecs) * coef) @ vecs.T
 
     def noise(self, x: Tensor, t: Tensor) -> Tensor:
         """Predicted noise ``eps_theta(x_t, t)``.
@@ -350,7 +413,7 @@ class ScoreMLP(nn.Module):
             h = block(h, emb)
         residual = self.out(nn.functional.silu(self.out_norm(h)))
         # The SDE's Gaussian reference plus the learned departure from it.
-        return self.sde.reference_noise(x, t) + residual
+        return self.reference_noise(x, t) + residual
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         """Score ``s_theta(x, t) = -eps_theta(x, t) / sigma(t)``.

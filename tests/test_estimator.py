@@ -59,8 +59,11 @@ def test_fitted_attributes(fitted, data):
     assert len(fitted.loss_curve_) == TINY["max_iter"]
     assert np.all(np.isfinite(fitted.loss_curve_))
     assert fitted.device_ == torch.device("cpu")
-    assert fitted.validation_scores_ is None
-    assert fitted.best_validation_score_ is None
+    # 200 rows: "auto" early stopping is on; 30 steps validate at the start and the end only.
+    assert fitted.early_stopping_ is True
+    assert fitted._train_state.validation_iters == [0, TINY["max_iter"]]
+    assert fitted.best_validation_score_ == max(fitted.validation_scores_)
+    assert fitted.dropout_ == 0.3 and fitted.gaussian_reference_ == "full"
     assert fitted.fit_time_ > 0
     assert_allclose(fitted.mean_, X.mean(axis=0))
     assert_allclose(fitted.scale_, X.std(axis=0))

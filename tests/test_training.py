@@ -147,15 +147,31 @@ def test_early_stopping_stops_and_restores_best():
         early_stopping=True, n_iter_no_change=3, ema_decay=0.9,
     )
     assert state.stopped_early
-    # best at the 2nd validation, then 3 without improvement -> stop after the 5th
+    # The untrained model is validated first (step 0); best at the 2nd validation, then 3
+    # without improvement -> stop after the 5th.
     assert state.validation_scores == [1.0, 2.0, 1.5, 1.4, 1.3]
-    assert state.validation_iters == [5, 10, 15, 20, 25]
-    assert state.n_iter == 25 and len(state.loss_curve) == 25
+    assert state.validation_iters == [0, 5, 10, 15, 20]
+    assert state.n_iter == 20 and len(state.loss_curve) == 20
     assert state.best_validation_score == 2.0
     best = snapshots[1]
     final = state.ema_model.state_dict()
     assert all(torch.equal(best[k], final[k]) for k in best)
     assert not all(torch.equal(snapshots[-1][k], final[k]) for k in best)
+
+
+def test_early_stopping_keeps_the_untrained_model_when_training_only_hurts():
+    # The start is a candidate: if every later validation is worse, the initial weights stay.
+    scores = iter([5.0, 1.0, 0.9, 0.8, 0.7])
+    net = _net()
+    initial = copy.deepcopy(net.state_dict())
+    state = _train(
+        net, _data(), max_iter=200, validation_fn=lambda m: next(scores),
+        validation_interval=5, early_stopping=True, n_iter_no_change=3,
+    )
+    assert state.stopped_early and state.validation_iters == [0, 5, 10, 15]
+    final = state.ema_model.state_dict()
+    assert all(torch.equal(initial[k], final[k]) for k in initial)
+    assert not all(torch.equal(initial[k], v) for k, v in state.model.state_dict().items())
 
 
 def test_validation_without_early_stopping_runs_to_the_end():
@@ -165,7 +181,7 @@ def test_validation_without_early_stopping_runs_to_the_end():
         validation_interval=5,
     )
     assert not state.stopped_early and state.n_iter == 12
-    assert state.validation_iters == [5, 10, 12]  # every interval, and at the end
+    assert state.validation_iters == [0, 5, 10, 12]  # the start, every interval, the end
 
 
 def test_warm_start_continues_n_iter():
