@@ -75,8 +75,8 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
         The Gaussian the score network learns its departure from (the untrained model's
         density, see :class:`~skscoreflow.nets.ScoreMLP`): "full", the Gaussian with the
         training rows' mean and covariance; "diagonal", the one with their column means and
-        variances.  "auto": "full" below 20,000 rows (with more than one feature), else
-        "diagonal" (``gaussian_reference_``).
+        variances.  "auto": "full" with fewer than 100 rows per feature (and more than one
+        feature), else "diagonal" (``gaussian_reference_``).
     dropout : float in [0, 1) or "auto", default="auto"
         Dropout in the score network's residual blocks.  "auto": 0.3 up to 1,000 rows, 0 from
         10,000, linear in ``log10(n_samples)`` between (``dropout_``).
@@ -106,13 +106,14 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
         ODE divergence; "auto" is exact up to 16 features and for dequantized models.
     early_stopping : bool or "auto", default="auto"
         Track the likelihood bound on ``validation_fraction`` of the rows, stop when it stops
-        improving and restore the best weights.  "auto": on below 20,000 rows
-        (``early_stopping_``); only an explicit True warns when it never triggers.
+        improving and restore the best weights.  "auto": on with fewer than 5,000 rows per
+        feature (``early_stopping_``); only an explicit True warns when it never triggers.
     validation_fraction : float, default=0.1
         Fraction of rows held out when ``early_stopping``.
     n_iter_no_change : int, default=10
-        Validations (every ``max(50, max_iter // 50)`` steps) without improvement by ``tol``
-        before stopping.
+        Validations without improvement by ``tol`` before stopping.  The untrained network is
+        validated first, then about every 50 epochs, within 50 and ``max(50, max_iter // 50)``
+        steps.
     tol : float, default=1e-4
         Minimum improvement of the validation score (nats per row).
     warm_start : bool, default=False
@@ -361,7 +362,7 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
         X, summary = self._validated(X, reset=not warm)
         if warm:
             _params.check_warm_start(self)
-        self.early_stopping_ = _params.resolve_early_stopping(self.early_stopping, X.shape[0])
+        self.early_stopping_ = _params.resolve_early_stopping(self.early_stopping, *X.shape)
         device = _distributed.local_device(_params.resolve_device(self.device))
         group = _distributed.resolve_group(self.distributed, device)
         main = group is None or group.is_main

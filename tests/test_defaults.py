@@ -16,7 +16,8 @@ from skscoreflow._data import standardized_covariance
 from skscoreflow.nets import ScoreMLP
 from skscoreflow.sde import VPSDE
 
-SMALL = _params._SMALL_DATA_MAX_ROWS
+#: Rows of 2-D data from which "auto" early stopping is off.
+LARGE_2D = 2 * _params._EARLY_STOPPING_ROWS_PER_FEATURE
 
 
 def _correlated(n: int, d: int = 3, seed: int = 0) -> np.ndarray:
@@ -26,33 +27,45 @@ def _correlated(n: int, d: int = 3, seed: int = 0) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- the rule
-@pytest.mark.parametrize("n", [10, 1_000, SMALL - 1])
-def test_small_data_get_the_small_data_recipe(n):
-    assert _params.resolve_early_stopping("auto", n) is True
-    assert _params.resolve_gaussian_reference("auto", n, 5) == "full"
-    assert _params.resolve_gaussian_reference("auto", n, 1) == "diagonal"  # nothing to correlate
+@pytest.mark.parametrize(
+    ("n", "d", "expected"),
+    [(10, 2, True), (1_000, 2, True), (9_999, 2, True), (10_000, 2, False), (20_000, 2, False),
+     (10_000, 8, True), (39_999, 8, True), (40_000, 8, False), (1_437, 64, True)],
+)
+def test_early_stopping_below_5000_rows_per_feature(n, d, expected):
+    assert _params.resolve_early_stopping("auto", n, d) is expected
+
+
+@pytest.mark.parametrize(
+    ("n", "d", "expected"),
+    [(1_000, 16, "full"), (1_000, 32, "full"), (1_000, 8, "diagonal"), (799, 8, "full"),
+     (800, 8, "diagonal"), (120, 4, "full"), (10_000, 32, "diagonal"),
+     (50_000, 3_072, "full"), (10, 1, "diagonal")],  # one feature: nothing to correlate
+)
+def test_full_reference_below_100_rows_per_feature(n, d, expected):
+    assert _params.resolve_gaussian_reference("auto", n, d) == expected
 
 
 @pytest.mark.parametrize(
     ("n", "expected"),
     [(10, 0.3), (1_000, 0.3), (1_437, 0.25), (3_162, 0.15), (9_999, 0.0), (10_000, 0.0),
-     (SMALL, 0.0)],
+     (10 * LARGE_2D, 0.0)],
 )
 def test_auto_dropout_falls_log_linearly_from_1000_to_10000_rows(n, expected):
     assert _params.resolve_dropout("auto", n) == expected
 
 
-@pytest.mark.parametrize("n", [SMALL, 10 * SMALL])
+@pytest.mark.parametrize("n", [LARGE_2D, 10 * LARGE_2D])
 def test_large_data_keep_the_large_data_defaults(n):
-    assert _params.resolve_early_stopping("auto", n) is False
+    assert _params.resolve_early_stopping("auto", n, 2) is False
     assert _params.resolve_dropout("auto", n) == 0.0
-    assert _params.resolve_gaussian_reference("auto", n, 5) == "diagonal"
+    assert _params.resolve_gaussian_reference("auto", n, 2) == "diagonal"
 
 
-@pytest.mark.parametrize("n", [10, 1_000, 10 * SMALL])
+@pytest.mark.parametrize("n", [10, 1_000, 10 * LARGE_2D])
 def test_explicit_settings_always_win(n):
-    assert _params.resolve_early_stopping(False, n) is False
-    assert _params.resolve_early_stopping(True, n) is True
+    assert _params.resolve_early_stopping(False, n, 2) is False
+    assert _params.resolve_early_stopping(True, n, 2) is True
     assert _params.resolve_dropout(0.0, n) == 0.0 and _params.resolve_dropout(0.15, n) == 0.15
     for ref in ("full", "diagonal"):
         assert _params.resolve_gaussian_reference(ref, n, 4) == ref
@@ -75,13 +88,13 @@ def test_validation_interval(max_iter, n_train, batch_size, expected):
 
 # ------------------------------------------------------------------ through the estimator
 def test_fit_resolves_auto_and_get_params_keeps_what_was_passed():
-    X = _correlated(400)
+    X = _correlated(250)  # 3 features: fewer than 100 rows per feature
     est = ScoreFlowDensity(max_iter=60, hidden_layer_sizes=(16,), random_state=0)
     params = est.get_params()
     est.fit(X)
     assert est.get_params() == params  # "auto" stays "auto"
     assert params["early_stopping"] == params["dropout"] == params["gaussian_reference"] == "auto"
-    assert est.early_stopping_ is True and est.dropout_ == 0.3  # 400 rows
+    assert est.early_stopping_ is True and est.dropout_ == 0.3
     assert est.gaussian_reference_ == "full"
     assert est.validation_scores_ is not None and est._train_state.validation_iters[0] == 0
     assert est.network_.full_reference and est.network_.dropout == 0.3
@@ -103,7 +116,7 @@ def test_explicit_settings_override_auto_in_fit():
 
 
 def test_large_data_fit_keeps_the_plain_recipe():
-    X = np.random.default_rng(0).standard_normal((SMALL, 2))
+    X = np.random.default_rng(0).standard_normal((LARGE_2D, 2))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # "auto" early stopping is off: nothing to warn about
         est = ScoreFlowDensity(max_iter=2, hidden_layer_sizes=(8,), batch_size=256,
@@ -120,7 +133,7 @@ def test_auto_early_stopping_does_not_warn_when_it_never_triggers():
 
 
 def test_partial_fit_never_early_stops():
-    X = _correlated(300)
+    X = _correlated(250)
     est = ScoreFlowDensity(hidden_layer_sizes=(16,), batch_size=100, random_state=0)
     est.partial_fit(X)
     assert est.early_stopping_ is False and est.validation_scores_ is None
@@ -153,7 +166,8 @@ def test_untrained_full_reference_is_the_fitted_gaussian():
     alpha(eps)^2 I`` in standardised units) -- what GaussianMixture(1) fits, up to that."""
     X = _correlated(2_000, d=3)
     est = ScoreFlowDensity(max_iter=1, learning_rate=1e-12, hidden_layer_sizes=(8,),
-                           early_stopping=False, dropout=0.0, random_state=0,
+                           gaussian_reference="full", early_stopping=False, dropout=0.0,
+                           random_state=0,
                            rtol=1e-7, atol=1e-7, dtype="float64").fit(X)
     sde, eps = est.sde_, est.eps_
     t = torch.tensor([eps], dtype=torch.float64)

@@ -63,7 +63,8 @@ def test_fitted_attributes(fitted, data):
     assert fitted.early_stopping_ is True
     assert fitted._train_state.validation_iters == [0, TINY["max_iter"]]
     assert fitted.best_validation_score_ == max(fitted.validation_scores_)
-    assert fitted.dropout_ == 0.3 and fitted.gaussian_reference_ == "full"
+    # 2 features: 100 rows per feature is enough for the diagonal reference.
+    assert fitted.dropout_ == 0.3 and fitted.gaussian_reference_ == "diagonal"
     assert fitted.fit_time_ > 0
     assert_allclose(fitted.mean_, X.mean(axis=0))
     assert_allclose(fitted.scale_, X.std(axis=0))
