@@ -31,7 +31,10 @@ dask = pytest.importorskip("dask")
 cloudpickle = pytest.importorskip("cloudpickle")
 
 # No Fourier features and one small layer: each fit takes well under a second.
+# early_stopping=False: a trained network (30 steps would often keep the untrained one, whose
+# bound has no sampling noise at all).
 TINY = {"hidden_layer_sizes": (16,), "fourier_features": 0, "max_iter": 30, "batch_size": 64,
+        "early_stopping": False,
         "random_state": 0, "device": "cpu"}
 # Fixed-step solver (100 Euler steps: the cheapest) in float64: a row's result does not
 # depend on the other rows of its batch.

@@ -18,7 +18,8 @@ from sklearn.exceptions import NotFittedError
 
 from skscoreflow import ScoreFlowDensity
 
-TINY = dict(hidden_layer_sizes=(16,), max_iter=20, batch_size=64, random_state=0)
+TINY = dict(hidden_layer_sizes=(16,), max_iter=20, batch_size=64, random_state=0,
+            early_stopping=False)
 
 
 @pytest.fixture(scope="module")

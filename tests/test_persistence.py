@@ -24,7 +24,9 @@ from skscoreflow import ScoreFlowDensity
 # device="cpu": these tests check CPU contracts (bitwise reproducibility, exact subset
 # invariance, device_), which must hold on a machine with a GPU too; the CUDA path has its own
 # tests (skipped without CUDA).
-TINY = dict(hidden_layer_sizes=(16,), max_iter=30, batch_size=64, random_state=0, device="cpu")
+# early_stopping=False: a trained network, not the untrained one early stopping may keep.
+TINY = dict(hidden_layer_sizes=(16,), max_iter=30, batch_size=64, random_state=0, device="cpu",
+            early_stopping=False)
 
 
 @pytest.fixture(scope="module")
