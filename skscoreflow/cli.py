@@ -111,6 +111,11 @@ def _estimator_options(parser: argparse.ArgumentParser) -> None:
         default = param.default
         if isinstance(default, bool):
             group.add_argument(flag, type=_parse_bool, default=None, metavar="{true,false}")
+        elif name == "early_stopping":
+            group.add_argument(flag, type=_parse_bool_or_auto, default=None,
+                               metavar="{true,false,auto}")
+        elif name == "dropout":
+            group.add_argument(flag, type=_parse_float_or_auto, default=None, metavar="{P,auto}")
         elif name.endswith("hidden_layer_sizes"):
             group.add_argument(flag, type=_parse_sizes, default=None, metavar="W[,W...]")
         elif name == "fourier_features":
@@ -132,6 +137,19 @@ def _parse_int_or_auto(text: str) -> int | str:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an int or 'auto', got {text!r}") from None
+
+
+def _parse_float_or_auto(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
+
+
+def _parse_bool_or_auto(text: str) -> bool | str:
+    return text if text == "auto" else _parse_bool(text)
 
 
 def _parse_bool(text: str) -> bool:

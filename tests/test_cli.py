@@ -296,6 +296,28 @@ def test_layer_size_flags_parse_as_tuples():
     assert args.dequantizer_hidden_layer_sizes == (8, 8)
 
 
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [(["--early-stopping", "auto"], {"early_stopping": "auto"}),
+     (["--early-stopping", "false"], {"early_stopping": False}),
+     (["--dropout", "0.1"], {"dropout": 0.1}),
+     (["--dropout", "auto", "--gaussian-reference", "full"],
+      {"dropout": "auto", "gaussian_reference": "full"})],
+)
+def test_auto_flags_parse_to_the_estimator_types(argv, expected):
+    from skscoreflow.cli import build_parser
+
+    args = build_parser().parse_args(["fit", "moons", "-o", "m.pt", *argv])
+    assert {k: getattr(args, k) for k in expected} == expected
+
+
+def test_bad_auto_flag_is_a_usage_error():
+    from skscoreflow.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["fit", "moons", "-o", "m.pt", "--dropout", "high"])
+
+
 # ----------------------------------------------------------------------------- progress
 def test_fit_shows_progress_by_default_and_q_silences_it(workdir, capsys):
     out = workdir / "progress.pt"
