@@ -153,12 +153,16 @@ def fit_nsf(
     patience: int = 10,
     eval_every: int = 100,
     seed: int = 0,
+    dequantize: bool = False,
 ):
     """A zuko neural spline flow (benchmark-only anchor) trained by maximum likelihood.
 
     Data are standardised; training uses Adam with a cosine schedule, and the weights with the
     best validation log-likelihood (checked every ``eval_every`` steps on a held-out
     ``validation_fraction``; stop after ``patience`` checks without improvement) are kept.
+    With ``dequantize`` (integer ``X``) every batch gets fresh uniform noise ``x + u``, as
+    ScoreFlow's own training does (a single fixed draw overfits within a few hundred steps);
+    validation uses one fixed draw.  ``score_samples`` then expects dequantized rows ``x + u``.
     Returns an object with ``score_samples`` in the data's units, and the number of steps run.
     """
     import copy
@@ -167,11 +171,19 @@ def fit_nsf(
     import zuko
 
     g = torch.Generator().manual_seed(seed)
-    mean, scale = X.mean(0), X.std(0) + 1e-12
-    Z = torch.as_tensor((X - mean) / scale, dtype=torch.float32)
-    perm = torch.randperm(len(Z), generator=g)
-    n_val = max(1, int(round(validation_fraction * len(Z))))
-    Zv, Zt = Z[perm[:n_val]], Z[perm[n_val:]]
+    if dequantize:
+        mean, scale = X.mean(0) + 0.5, np.sqrt(X.var(0) + 1 / 12)
+    else:
+        mean, scale = X.mean(0), X.std(0) + 1e-12
+    Xt = torch.as_tensor(X, dtype=torch.float64)
+    perm = torch.randperm(len(Xt), generator=g)
+    n_val = max(1, int(round(validation_fraction * len(Xt))))
+    Xv, Xtr = Xt[perm[:n_val]], Xt[perm[n_val:]]
+    if dequantize:
+        Xv = Xv + torch.rand(Xv.shape, generator=g, dtype=torch.float64)
+    m_t, s_t = torch.as_tensor(mean), torch.as_tensor(scale)
+    Zv, Zt = ((Xv - m_t) / s_t).float(), ((Xtr - m_t) / s_t).float()
+    s_t = s_t.float()
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         flow = zuko.flows.NSF(X.shape[1], transforms=transforms, hidden_features=hidden)
@@ -181,7 +193,10 @@ def fit_nsf(
     bs = min(batch_size, len(Zt))
     for step in range(1, max_iter + 1):
         idx = torch.randint(len(Zt), (bs,), generator=g)
-        loss = -flow().log_prob(Zt[idx]).mean()
+        batch = Zt[idx]
+        if dequantize:
+            batch = batch + torch.rand(batch.shape, generator=g) / s_t
+        loss = -flow().log_prob(batch).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -38,7 +38,8 @@ FORMAT = 1
 _NOT_FINGERPRINTED = ("verbose", "checkpoint_path", "checkpoint_every", "distributed")
 #: Fitted attributes ``fit`` derives from the parameters and the data before training.
 _DERIVED = ("mean_", "scale_", "data_min_", "data_max_", "eps_", "fourier_features_",
-            "dropout_", "gaussian_reference_", "reference_covariance_")
+            "dropout_", "gaussian_reference_", "reference_covariance_", "network_type_",
+            "image_shape_", "unet_sizes_", "n_levels_")
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:

@@ -219,12 +219,33 @@ def training_rows(est: Any, X: Any, rows: np.ndarray | None) -> tuple[Any, Any]:
     else:
         X_rows = X if rows is None else X[rows]
         X_train = est._to_tensor(X_rows if deq else st.transform(X_rows))
+    flip = hflip(est.image_shape_) if getattr(est, "augment", None) == "hflip" else None
     if not deq:
-        return X_train, None
+        if flip is None:
+            return X_train, None
+        # Rows are standardised already: flip in X's units (exact for any standardisation).
+        return X_train, lambda batch, g: st.transform(flip(st.inverse(batch), g))
 
     # Fresh uniform dequantization noise for every mini-batch (the score model is trained on
     # uniformly dequantized data for both dequantization modes).
     def batch_transform(batch: Tensor, g: torch.Generator) -> Tensor:
+        if flip is not None:
+            batch = flip(batch, g)
         return st.transform(batch + _uniform_dequantize(batch, g)[0])
 
     return X_train, batch_transform
+
+
+def hflip(image_shape: Any) -> Callable[[Tensor, torch.Generator], Tensor]:
+    """``flip(batch, g)``: each flat image row mirrored left-right with probability 1/2 (one
+    draw per row from ``g``, so a seeded fit is reproducible and a distributed one draws what
+    a 1-process fit draws)."""
+    shape = tuple(int(s) for s in image_shape)
+
+    def flip(batch: Tensor, g: torch.Generator) -> Tensor:
+        mirror = torch.rand(batch.shape[0], generator=g, device=batch.device) < 0.5
+        images = batch.reshape(-1, *shape)
+        images = torch.where(mirror[:, None, None, None], images.flip(-1), images)
+        return images.reshape(batch.shape)
+
+    return flip

@@ -65,7 +65,31 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
     dequantizer_max_iter : int, default=1000
         Optimizer steps of the variational dequantizer.
     hidden_layer_sizes : tuple of int, default=(128, 128, 128)
-        Widths of the residual blocks of the score network.
+        Widths of the residual blocks of the MLP score network.
+    image_shape : tuple of (int, int, int) or None, default=None
+        ``(C, H, W)`` when the rows are images flattened in C order (channel planes, each
+        row-major, as CIFAR-10's files store them); ``C * H * W`` must equal the number of
+        features.  The rows stay flat everywhere; the network sees images.
+    network : {"auto", "mlp", "unet"} or a U-Net preset name, default="auto"
+        The score network: the residual MLP (:class:`~skscoreflow.nets.ScoreMLP`) or the
+        DDPM++ U-Net (:class:`~skscoreflow.nets.ScoreUNet`, needs ``image_shape``).  "auto":
+        the U-Net when ``image_shape`` is set, else the MLP (``network_type_``).  A key of
+        :data:`~skscoreflow.nets.UNET_PRESETS` (such as "ddpmpp_cifar10", the paper's CIFAR-10
+        network) is the U-Net with that preset's sizes.  The U-Net maps all pixels with one
+        affine map (integer levels ``lo..hi`` onto ``[-1, 1)``, ``n_levels_``) instead of
+        standardising each column.
+    channels : int or "auto", default="auto"
+        U-Net base channels (a multiple of 4).  "auto" and the three sizes below: by image size,
+        see :func:`~skscoreflow.nets.unet_defaults` (``unet_sizes_``).
+    channel_mult : tuple of int or "auto", default="auto"
+        U-Net channel multiplier per resolution level (the image is halved between levels).
+    num_res_blocks : int or "auto", default="auto"
+        U-Net residual blocks per level.
+    attn_resolutions : tuple of int or "auto", default="auto"
+        Image sides at which the U-Net has self-attention (besides its middle).
+    augment : {None, "hflip"}, default=None
+        "hflip": each training image is flipped left-right with probability 1/2 at every step
+        (needs ``image_shape``).  Evaluation never flips.
     fourier_features : int or "auto", default="auto"
         Random Fourier frequencies of the input fed to the score network, damped by the noise
         level; 0 for none.  "auto": 128 for at most 2 features, else 0 (``fourier_features_``).
@@ -78,8 +102,9 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
         variances.  "auto": "full" with fewer than 100 rows per feature (and more than one
         feature), else "diagonal" (``gaussian_reference_``).
     dropout : float in [0, 1) or "auto", default="auto"
-        Dropout in the score network's residual blocks.  "auto": 0.3 up to 1,000 rows, 0 from
-        10,000, linear in ``log10(n_samples)`` between (``dropout_``).
+        Dropout in the score network's residual blocks.  "auto": for the MLP, 0.3 up to 1,000
+        rows, 0 from 10,000, linear in ``log10(n_samples)`` between; 0.1 for the U-Net
+        (``dropout_``).
     max_iter : int, default=10000
         Optimizer steps, the budget that dominates the likelihood (an upper bound when early
         stopping is on).
@@ -103,7 +128,8 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
         Adaptive "dopri5", "dopri8", "bosh3", "adaptive_heun" or fixed-step (100 steps) "rk4",
         "midpoint", "euler".
     divergence : {"auto", "exact", "hutchinson"}, default="auto"
-        ODE divergence; "auto" is exact up to 16 features and for dequantized models.
+        ODE divergence; "auto" is exact up to 16 features and for dequantized models with the
+        MLP, Hutchinson's estimate otherwise.
     early_stopping : bool or "auto", default="auto"
         Track the likelihood bound on ``validation_fraction`` of the rows, stop when it stops
         improving and restore the best weights.  "auto": on with fewer than 5,000 rows per
@@ -139,7 +165,8 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
         each chunk (``partial_fit``); False takes the rows in the order given.
     standardize : bool, default=True
         Standardise the columns (to zero mean and unit variance; the first ``partial_fit``
-        chunk fixes the map) before the diffusion.  Log-densities are always in X's units.
+        chunk fixes the map) before the diffusion; the U-Net's single map for all pixels
+        instead (see ``network``).  Log-densities are always in X's units.
     distributed : bool or "auto", default="auto"
         Data-parallel training across the processes of a ``torch.distributed`` job (DDP, e.g.
         launched by ``torchrun``).  "auto": whenever a process group with more than one process
@@ -159,8 +186,18 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
         Device the network lives on.
     sde_ : SDE
         The forward SDE (a copy of ``sde`` when an instance was passed).
-    network_ : ScoreMLP
+    network_ : ScoreMLP or ScoreUNet
         The score network (EMA weights), in evaluation mode.
+    network_type_ : {"mlp", "unet"}
+        The kind of score network (``network`` resolved).
+    image_shape_ : tuple of int or None
+        ``image_shape`` as checked against the rows.
+    unet_sizes_ : dict or None
+        The U-Net's ``channels``, ``channel_mult``, ``num_res_blocks`` and ``attn_resolutions``
+        ("auto" and presets resolved); None for the MLP.
+    n_levels_ : int or None
+        Number of integer levels ``L = hi - lo + 1`` of dequantized U-Net data (``lo``, ``hi``:
+        the smallest and largest training value), mapped onto ``[-1, 1)``; None otherwise.
     eps_ : float
         The smallest diffusion time in use.
     fourier_features_ : int
@@ -170,8 +207,9 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
         ``partial_fit``).
     dropout_ : float
         Dropout of the score network (``dropout`` resolved).
-    gaussian_reference_ : {"full", "diagonal"}
-        The score network's Gaussian reference (``gaussian_reference`` resolved).
+    gaussian_reference_ : {"full", "diagonal"} or None
+        The MLP's Gaussian reference (``gaussian_reference`` resolved); None for the U-Net,
+        which starts from ``eps_hat = 0``.
     reference_covariance_ : ndarray of shape (n_features, n_features) or None
         Covariance of the standardised training rows (of ``x + u`` for dequantized data), the
         full reference; None for "diagonal".
@@ -231,6 +269,13 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
         dequantizer_n_couplings: int = 4,
         dequantizer_max_iter: int = 1000,
         hidden_layer_sizes: tuple[int, ...] = (128, 128, 128),
+        image_shape: tuple[int, int, int] | None = None,
+        network: str = "auto",
+        channels: int | str = "auto",
+        channel_mult: tuple[int, ...] | str = "auto",
+        num_res_blocks: int | str = "auto",
+        attn_resolutions: tuple[int, ...] | str = "auto",
+        augment: str | None = None,
         fourier_features: int | str = "auto",
         fourier_scale: float = 0.35,
         gaussian_reference: str = "auto",
@@ -267,6 +312,13 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
         self.dequantizer_n_couplings = dequantizer_n_couplings
         self.dequantizer_max_iter = dequantizer_max_iter
         self.hidden_layer_sizes = hidden_layer_sizes
+        self.image_shape = image_shape
+        self.network = network
+        self.channels = channels
+        self.channel_mult = channel_mult
+        self.num_res_blocks = num_res_blocks
+        self.attn_resolutions = attn_resolutions
+        self.augment = augment
         self.fourier_features = fourier_features
         self.fourier_scale = fourier_scale
         self.gaussian_reference = gaussian_reference
@@ -651,7 +703,8 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
             return self._in_chunks("score_samples", X)
         X = self._check_X(X)
         divergence = self.divergence
-        if self.dequantization is not None and divergence == "auto":
+        if self.dequantization is not None and divergence == "auto" and (
+                self.network_type_ == "mlp"):
             divergence = "exact"
         # One generator across the K dequantization draws: independent probes for each.
         probes = self._generator(0)

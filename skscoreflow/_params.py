@@ -28,6 +28,7 @@ from sklearn.utils._param_validation import (
 
 from .dequantization import _DEQUANTIZATIONS
 from .likelihood import _DIVERGENCES
+from .nets import UNET_PRESETS, unet_defaults
 from .sampling import _SAMPLERS
 from .sde import SDE
 from .weighting import _WEIGHTINGS
@@ -58,6 +59,8 @@ _AUTO_DROPOUT = 0.3
 _AUTO_DROPOUT_ROWS = (1_000, 10_000)
 #: Early stopping validates about every this many epochs (see :func:`validation_interval`).
 _VALIDATION_EPOCHS = 50
+#: ``dropout="auto"`` of the U-Net: DDPM++'s CIFAR-10 value.
+_AUTO_UNET_DROPOUT = 0.1
 
 
 class _Ints(Interval):
@@ -85,6 +88,13 @@ PARAMETER_CONSTRAINTS: dict[str, list[Any]] = {
     "dequantizer_n_couplings": [_Ints(0)],
     "dequantizer_max_iter": [_positive_int],
     "hidden_layer_sizes": ["array-like", _positive_int],
+    "image_shape": ["array-like", None],
+    "network": [StrOptions({"auto", "mlp", "unet"} | set(UNET_PRESETS))],
+    "channels": [_Ints(4), StrOptions({"auto"})],
+    "channel_mult": ["array-like", StrOptions({"auto"})],
+    "num_res_blocks": [_positive_int, StrOptions({"auto"})],
+    "attn_resolutions": ["array-like", StrOptions({"auto"})],
+    "augment": [StrOptions({"hflip"}), None],
     "fourier_features": [_Ints(0), StrOptions({"auto"})],
     "fourier_scale": [_positive_real],
     "gaussian_reference": [StrOptions({"auto", "full", "diagonal"})],
@@ -185,15 +195,76 @@ def resolve_gaussian_reference(gaussian_reference: str, n_samples: int, n_featur
     return gaussian_reference
 
 
-def resolve_dropout(dropout: float | str, n_samples: int) -> float:
-    """``dropout`` with "auto" resolved for ``n_samples`` training rows: ``_AUTO_DROPOUT`` up
-    to ``_AUTO_DROPOUT_ROWS[0]`` rows, none from ``_AUTO_DROPOUT_ROWS[1]``, linear in
-    ``log(n_samples)`` between (rounded to 0.01)."""
+def resolve_dropout(dropout: float | str, n_samples: int, network: str = "mlp") -> float:
+    """``dropout`` with "auto" resolved for ``n_samples`` training rows: for the MLP,
+    ``_AUTO_DROPOUT`` up to ``_AUTO_DROPOUT_ROWS[0]`` rows, none from ``_AUTO_DROPOUT_ROWS[1]``,
+    linear in ``log(n_samples)`` between (rounded to 0.01); for the U-Net
+    ``_AUTO_UNET_DROPOUT``."""
     if not isinstance(dropout, str):
         return float(dropout)
+    if network == "unet":
+        return _AUTO_UNET_DROPOUT
     lo, hi = _AUTO_DROPOUT_ROWS
     share = (math.log(hi) - math.log(max(n_samples, 1))) / (math.log(hi) - math.log(lo))
     return round(_AUTO_DROPOUT * min(1.0, max(0.0, share)), 2)
+
+
+def image_shape(shape: Any, n_features: int) -> tuple[int, int, int] | None:
+    """``image_shape`` checked against the width of the rows: None, or ``(C, H, W)`` of positive
+    ints with ``C * H * W == n_features``."""
+    if shape is None:
+        return None
+    try:
+        dims = tuple(shape)
+        ok = len(dims) == 3 and all(
+            isinstance(s, Integral) and not isinstance(s, bool) and s > 0 for s in dims)
+    except TypeError:
+        ok = False
+    if not ok:
+        raise InvalidParameterError(
+            "The 'image_shape' parameter of ScoreFlowDensity must be None or (C, H, W), three "
+            f"positive ints. Got {shape!r} instead.")
+    dims = tuple(int(s) for s in dims)
+    if math.prod(dims) != n_features:
+        raise ValueError(
+            f"image_shape={dims} describes rows of {math.prod(dims)} values (C*H*W), but X has "
+            f"{n_features} features")
+    return dims
+
+
+def resolve_network(est: Any, n_features: int) -> tuple[str, tuple[int, int, int] | None,
+                                                        dict[str, Any] | None]:
+    """The network kind ("mlp" or "unet"), the checked image shape and the U-Net's sizes
+    (a preset's, else the "auto" sizes of :func:`~skscoreflow.nets.unet_defaults` with the
+    explicit ones in place)."""
+    shape = image_shape(est.image_shape, n_features)
+    kind = est.network
+    if kind == "auto":
+        kind = "mlp" if shape is None else "unet"
+    if kind == "mlp":
+        if est.augment is not None and shape is None:
+            raise ValueError(f"augment={est.augment!r} flips images: set image_shape")
+        return "mlp", shape, None
+    if shape is None:
+        raise ValueError(f"network={est.network!r} is a convolutional network for images: set "
+                         "image_shape=(C, H, W) (rows of C*H*W values)")
+    if kind in UNET_PRESETS:
+        sizes = {k: v for k, v in UNET_PRESETS[kind].items() if k != "dropout"}
+    else:
+        mult = None if isinstance(est.channel_mult, str) else layer_sizes(
+            "channel_mult", est.channel_mult)
+        sizes = unet_defaults(shape, mult)
+        for key in ("channels", "num_res_blocks"):
+            if not isinstance(getattr(est, key), str):
+                sizes[key] = int(getattr(est, key))
+        if not isinstance(est.attn_resolutions, str):
+            sizes["attn_resolutions"] = layer_sizes("attn_resolutions", est.attn_resolutions)
+    factor = 2 ** (len(sizes["channel_mult"]) - 1)
+    if shape[1] % factor or shape[2] % factor:
+        raise ValueError(
+            f"image_shape={shape}: both sides must be divisible by {factor} for "
+            f"channel_mult={sizes['channel_mult']} (the image is halved between levels)")
+    return "unet", shape, sizes
 
 
 def seed_from(random_state: Any) -> int:
@@ -215,6 +286,11 @@ def structure(est: Any) -> dict[str, Any]:
         "sde": sde,
         "eps": est.eps,
         "hidden_layer_sizes": list(layer_sizes("hidden_layer_sizes", est.hidden_layer_sizes)),
+        "network": est.network,
+        "image_shape": None if est.image_shape is None else [int(s) for s in est.image_shape],
+        "unet": {k: (v if isinstance(v, str) else np.asarray(v).tolist()) for k, v in (
+            ("channels", est.channels), ("channel_mult", est.channel_mult),
+            ("num_res_blocks", est.num_res_blocks), ("attn_resolutions", est.attn_resolutions))},
         "fourier_features": fourier_count(est.fourier_features, est.n_features_in_),
         "fourier_scale": float(est.fourier_scale),
         "gaussian_reference": est.gaussian_reference,
@@ -340,10 +416,13 @@ def new_network(est: Any, sizes: tuple[int, ...], seed: int) -> torch.nn.Module:
     Module initialisation draws from the global RNG: it runs forked (the user's state is
     untouched) and seeded (the initialisation is reproducible).
     """
-    from .nets import ScoreMLP
+    from .nets import ScoreMLP, ScoreUNet
     from .training import _seeded_global_rng
 
     with _seeded_global_rng(seed, est.device_):
+        if est.network_type_ == "unet":
+            net = ScoreUNet(est.image_shape_, est.sde_, dropout=est.dropout_, **est.unet_sizes_)
+            return net.to(device=est.device_, dtype=_DTYPES[est.dtype])
         net = ScoreMLP(est.n_features_in_, est.sde_, sizes, fourier_features=est.fourier_features_,
                        fourier_scale=float(est.fourier_scale), dropout=est.dropout_,
                        reference_covariance=est.reference_covariance_)
@@ -380,6 +459,7 @@ def derive(est: Any, X: Any, summary: dict[str, Any] | None = None) -> None:
         eps = est.sde_.continuous_eps
     est.eps_ = est.sde_._resolve_eps(eps)
     est.fourier_features_ = fourier_count(est.fourier_features, X.shape[1])
+    est.network_type_, est.image_shape_, est.unet_sizes_ = resolve_network(est, X.shape[1])
     deq = est.dequantization is not None
     if summary is None:  # an in-memory array (else the chunked scan of out-of-core data)
         from ._data import column_moments
@@ -388,7 +468,21 @@ def derive(est: Any, X: Any, summary: dict[str, Any] | None = None) -> None:
         lo, hi = (X.min(axis=0), X.max(axis=0)) if deq else (None, None)
     else:
         mean, var, lo, hi = summary["mean"], summary["var"], summary["min"], summary["max"]
-    if est.standardize:
+    est.n_levels_ = None
+    if est.standardize and est.network_type_ == "unet":
+        # One affine map for all pixels (per-pixel scales would distort the images): integer
+        # levels lo..hi dequantized onto [-1, 1) as in the paper, x = 2 (v - lo) / L - 1;
+        # continuous pixels by their overall mean and standard deviation.
+        if deq:
+            lowest = float(np.min(lo))
+            est.n_levels_ = int(np.max(hi) - lowest + 1)
+            centre, half = lowest + est.n_levels_ / 2, est.n_levels_ / 2
+        else:
+            centre = float(np.mean(mean))
+            half = math.sqrt(float(np.mean(var) + np.var(mean))) or 1.0
+        d = X.shape[1]
+        st = Standardizer(np.full(d, centre), np.full(d, half))
+    elif est.standardize:
         st = Standardizer.from_moments(mean, var, dequantized=deq)
     else:
         st = Standardizer(np.zeros(X.shape[1]), np.ones(X.shape[1]))
@@ -396,9 +490,12 @@ def derive(est: Any, X: Any, summary: dict[str, Any] | None = None) -> None:
     est.data_min_ = np.asarray(lo, dtype=np.float64) if deq else None
     est.data_max_ = np.asarray(hi, dtype=np.float64) if deq else None
     n, d = X.shape
-    est.dropout_ = resolve_dropout(est.dropout, n)
-    est.gaussian_reference_ = resolve_gaussian_reference(est.gaussian_reference, n, d)
+    est.dropout_ = resolve_dropout(est.dropout, n, est.network_type_)
     est.reference_covariance_ = None
+    if est.network_type_ == "unet":  # starts from eps_hat = 0, no Gaussian reference
+        est.gaussian_reference_ = None
+        return
+    est.gaussian_reference_ = resolve_gaussian_reference(est.gaussian_reference, n, d)
     if est.gaussian_reference_ == "full":
         from ._data import standardized_covariance
 

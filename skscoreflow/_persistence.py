@@ -23,7 +23,7 @@ import torch
 from ._checkpoint import atomic_save
 from ._params import _DTYPES, structure
 from .dequantization import VariationalDequantizer
-from .nets import ScoreMLP
+from .nets import network_from_config
 from .sde import SDE, get_sde
 from .training import TrainState, _seeded_global_rng
 
@@ -63,14 +63,14 @@ def _restore_network(
     # The estimator's own SDE object, which may be a user's subclass.
     cfg = json.loads(blob["config"])
     # Cast before loading: a float32-built module would round float64 weights on the way in.
-    ema = ScoreMLP.from_config(cfg, sde=sde).to(device=device, dtype=dtype)
+    ema = network_from_config(cfg, sde=sde).to(device=device, dtype=dtype)
     ema.load_state_dict(blob["ema"])
     ema = ema.eval()
     for p in ema.parameters():
         p.requires_grad_(False)
     if "raw" not in blob:
         return ema, None
-    raw = ScoreMLP.from_config(cfg, sde=sde).to(device=device, dtype=dtype)
+    raw = network_from_config(cfg, sde=sde).to(device=device, dtype=dtype)
     raw.load_state_dict(blob["raw"])
     optimizer = torch.optim.Adam(raw.parameters(), lr=lr)
     optimizer.load_state_dict(blob["optimizer"])

@@ -32,12 +32,16 @@ Examples
 from __future__ import annotations
 
 import math
-from typing import Callable
+import os
+import pickle
+from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 from scipy.special import logsumexp
 
-__all__ = ["DATASETS", "ProductDensity", "make_dataset", "true_log_density", "has_true_density"]
+__all__ = ["DATASETS", "ProductDensity", "make_dataset", "true_log_density", "has_true_density",
+           "load_cifar10"]
 
 _RAD8 = 2 * math.sqrt(2)
 
@@ -353,3 +357,98 @@ class ProductDensity:
         Z = X if self.rotation_ is None else X @ self.rotation_
         return sum(true_log_density(name, Z[:, 2 * k : 2 * k + 2])
                    for k, name in enumerate(self.pair_sets))
+
+
+# ----------------------------------------------------------------------------- CIFAR-10
+#: The files of each split of the CIFAR-10 "python version" (``cifar-10-batches-py``).
+_CIFAR10_FILES = {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)}
+#: What a CIFAR-10 batch pickle may reference: NumPy's array (and scalar) reconstruction only.
+_CIFAR10_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+}
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles CIFAR-10 batches only: any other global (code a tampered file could run) is
+    refused."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _CIFAR10_GLOBALS:
+            raise pickle.UnpicklingError(
+                f"refusing {module}.{name}: not a CIFAR-10 batch file (only NumPy arrays, "
+                "lists and strings are expected)")
+        return super().find_class(module, name)
+
+
+def _read_cifar10_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    with open(path, "rb") as f:
+        try:
+            batch = _BatchUnpickler(f, encoding="latin1").load()
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as exc:
+            raise ValueError(f"{path} is not a CIFAR-10 python batch file: {exc}") from exc
+    if not isinstance(batch, dict) or "data" not in batch or "labels" not in batch:
+        raise ValueError(f"{path} is not a CIFAR-10 python batch file (no 'data'/'labels')")
+    data = np.asarray(batch["data"])
+    labels = np.asarray(batch["labels"], dtype=np.int64)
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        raise ValueError(f"{path}: 'data' must be uint8 of shape (n, 3072), got {data.dtype} "
+                         f"{data.shape}")
+    if labels.shape != (data.shape[0],):
+        raise ValueError(f"{path}: {labels.shape[0]} labels for {data.shape[0]} images")
+    return data, labels
+
+
+def load_cifar10(path: str | os.PathLike, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """Read CIFAR-10 from the "python version" files you already have (never downloads).
+
+    Parameters
+    ----------
+    path : str or path-like
+        The ``cifar-10-batches-py`` folder (``data_batch_1`` ... ``data_batch_5``,
+        ``test_batch``), or the folder that contains it.
+    split : {"train", "test"}, default="train"
+        The 50,000 training images (batches 1-5, in order) or the 10,000 test images.
+
+    Returns
+    -------
+    X : ndarray of shape (n_images, 3072), dtype uint8
+        One image per row in C order, as the files store it: the red plane, then green, then
+        blue, each 32x32 row-major.  This is ``ScoreFlowDensity(image_shape=(3, 32, 32))``'s
+        layout, so the rows are used unchanged (``dequantization`` for the 256 levels).
+    y : ndarray of shape (n_images,), dtype int64
+        Class labels 0-9.
+
+    Raises
+    ------
+    FileNotFoundError
+        If a batch file of ``split`` is missing.
+    ValueError
+        If a file is not a CIFAR-10 python batch.  The files are read with an unpickler that
+        accepts NumPy arrays only, never arbitrary objects.
+
+    Examples
+    --------
+    >>> import pickle, tempfile, numpy as np
+    >>> folder = Path(tempfile.mkdtemp()) / "cifar-10-batches-py"
+    >>> folder.mkdir()
+    >>> images = np.arange(2 * 3072, dtype=np.int64).astype(np.uint8).reshape(2, 3072)
+    >>> with open(folder / "test_batch", "wb") as f:
+    ...     pickle.dump({"data": images, "labels": [3, 7]}, f, protocol=2)
+    >>> X, y = load_cifar10(folder.parent, split="test")
+    >>> X.shape, X.dtype, y.tolist()
+    ((2, 3072), dtype('uint8'), [3, 7])
+    """
+    if split not in _CIFAR10_FILES:
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    folder = Path(path)
+    if not (folder / _CIFAR10_FILES[split][0]).exists() and (folder / "cifar-10-batches-py").is_dir():
+        folder = folder / "cifar-10-batches-py"
+    missing = [name for name in _CIFAR10_FILES[split] if not (folder / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"CIFAR-10 {split} files {missing} not found in {folder} (expected the extracted "
+            "'cifar-10-batches-py' folder of cifar-10-python.tar.gz)")
+    parts = [_read_cifar10_batch(folder / name) for name in _CIFAR10_FILES[split]]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])

@@ -1,4 +1,4 @@
-"""Score networks for tabular data.
+"""The residual MLP score network (tabular data).
 
 :class:`ScoreMLP` is a residual MLP conditioned on the noise level through sinusoidal
 features of ``log sigma(t)``.  It predicts the noise ``eps_hat(x_t, t)`` and returns the score
@@ -28,7 +28,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from .sde import SDE, get_sde
+from ..sde import SDE, get_sde
 
 __all__ = ["ScoreMLP"]
 
