@@ -3,11 +3,13 @@
     torchrun --standalone --nproc_per_node=2 examples/ddp_images.py --out digits.skf
 
 Images are flat rows of L-level integer pixels (C-order, as CIFAR-10's python files store
-them).  The default data are scikit-learn's 8 x 8 digits (17 grey levels; no download);
-``--data`` takes a ``.npy`` file of uint8 rows (memory-mapped, read one batch at a time).  The
-score network is trained data-parallel on uniformly dequantized pixels, then the variational
-dequantizer (replicated on every process, which end with rank 0's weights); rank 0 reports
-the held-out bits/dim (an upper bound on ``-log2 P(x) / D``) and writes the model.
+them).  The default data are scikit-learn's 8 x 8 digits (17 grey levels; no download), fitted
+as 1 x 8 x 8 images with the U-Net; ``--data`` takes a ``.npy`` file of uint8 rows
+(memory-mapped, read one batch at a time) with ``--image-shape C H W`` (without it the rows are
+modelled flat, by the MLP).  The score network is trained data-parallel on uniformly dequantized
+pixels, then the variational dequantizer (replicated on every process, which end with rank 0's
+weights); rank 0 reports the held-out bits/dim (an upper bound on ``-log2 P(x) / D``) and
+writes the model.
 """
 
 from __future__ import annotations
@@ -27,7 +29,10 @@ def main() -> None:
     parser.add_argument("--data", help=".npy file of uint8 image rows (memory-mapped)")
     parser.add_argument("--max-iter", type=int, default=4_000)
     parser.add_argument("--dequantizer-max-iter", type=int, default=1_000)
-    parser.add_argument("--batch-size", type=int, default=256, help="global batch")
+    parser.add_argument("--batch-size", type=int, default=128, help="global batch")
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--image-shape", type=int, nargs=3, default=None, metavar=("C", "H", "W"),
+                        help="image rows (the U-Net); digits: 1 8 8")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--eval-rows", type=int, default=200, help="held-out images scored")
     parser.add_argument("--out", default=None, help="model file (written by rank 0)")
@@ -39,9 +44,11 @@ def main() -> None:
     else:
         X = load_digits().data.astype(np.int64)
         X_train, X_test = train_test_split(X, test_size=0.2, random_state=0)
+        args.image_shape = args.image_shape or (1, 8, 8)
     est = ScoreFlowDensity(
         dequantization="variational", max_iter=args.max_iter, batch_size=args.batch_size,
-        dequantizer_max_iter=args.dequantizer_max_iter, hidden_layer_sizes=(256, 256, 256),
+        learning_rate=args.learning_rate, dequantizer_max_iter=args.dequantizer_max_iter,
+        image_shape=None if args.image_shape is None else tuple(args.image_shape),
         device=args.device, random_state=0, distributed=True, verbose=1,
     )
     est.fit(X_train)

@@ -276,6 +276,12 @@ def load(cls: type, path: str | os.PathLike) -> Any:
             if state.get(key) is not None:
                 dtype = object if key == "feature_names_in_" else np.float64
                 state[key] = np.asarray(state[key], dtype=dtype)
+        # JSON has no tuples: the image shape and the U-Net's sizes are tuples when fitted.
+        if state.get("image_shape_") is not None:
+            state["image_shape_"] = tuple(state["image_shape_"])
+        if state.get("unet_sizes_") is not None:
+            state["unet_sizes_"] = {k: tuple(v) if isinstance(v, list) else v
+                                    for k, v in state["unet_sizes_"].items()}
         state["_network_blob"] = data["network"]
         est.__setstate__(state)
         est._fitted_structure = structure(est)

@@ -118,7 +118,12 @@ def _estimator_options(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, type=_parse_float_or_auto, default=None, metavar="{P,auto}")
         elif name.endswith("hidden_layer_sizes"):
             group.add_argument(flag, type=_parse_sizes, default=None, metavar="W[,W...]")
-        elif name == "fourier_features":
+        elif name == "image_shape":
+            group.add_argument(flag, type=_parse_sizes, default=None, metavar="C,H,W")
+        elif name in ("channel_mult", "attn_resolutions"):
+            group.add_argument(flag, type=_parse_sizes_or_auto, default=None,
+                               metavar="{N[,N...],auto}")
+        elif name in ("fourier_features", "channels", "num_res_blocks"):
             group.add_argument(flag, type=_parse_int_or_auto, default=None, metavar="{N,auto}")
         elif isinstance(default, int):
             group.add_argument(flag, type=int, default=None)
@@ -168,6 +173,10 @@ def _parse_sizes(text: str) -> tuple[int, ...]:
     if not sizes:
         raise argparse.ArgumentTypeError("expected at least one width")
     return sizes
+
+
+def _parse_sizes_or_auto(text: str) -> tuple[int, ...] | str:
+    return text if text == "auto" else _parse_sizes(text)
 
 
 def _collect_params(args: argparse.Namespace) -> dict[str, Any]:

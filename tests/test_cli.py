@@ -302,7 +302,12 @@ def test_layer_size_flags_parse_as_tuples():
      (["--early-stopping", "false"], {"early_stopping": False}),
      (["--dropout", "0.1"], {"dropout": 0.1}),
      (["--dropout", "auto", "--gaussian-reference", "full"],
-      {"dropout": "auto", "gaussian_reference": "full"})],
+      {"dropout": "auto", "gaussian_reference": "full"}),
+     (["--image-shape", "1,8,8", "--network", "unet", "--channels", "16",
+       "--channel-mult", "1,2", "--num-res-blocks", "auto", "--attn-resolutions", "auto",
+       "--augment", "hflip"],
+      {"image_shape": (1, 8, 8), "network": "unet", "channels": 16, "channel_mult": (1, 2),
+       "num_res_blocks": "auto", "attn_resolutions": "auto", "augment": "hflip"})],
 )
 def test_auto_flags_parse_to_the_estimator_types(argv, expected):
     from skscoreflow.cli import build_parser

@@ -47,3 +47,4 @@ def test_image_example_on_digits(tmp_path) -> None:
     assert out.count("bits/dim") == 1
     est = ScoreFlowDensity.load(tmp_path / "d.skf")
     assert est.dequantizer_ is not None and est.n_features_in_ == 64
+    assert est.network_type_ == "unet" and est.image_shape_ == (1, 8, 8)

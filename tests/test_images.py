@@ -223,6 +223,7 @@ def test_pickle_and_save_load_round_trip(fitted, tmp_path):
     fitted.save(tmp_path / "images.pt")
     loaded = ScoreFlowDensity.load(tmp_path / "images.pt")
     assert isinstance(loaded.network_, ScoreUNet) and loaded.n_levels_ == 5
+    assert loaded.image_shape_ == SHAPE and loaded.unet_sizes_ == fitted.unet_sizes_
     np.testing.assert_allclose(loaded.score_samples(X), expected, rtol=1e-6)
     np.testing.assert_array_equal(loaded.sample(4, random_state=3),
                                   fitted.sample(4, random_state=3))
