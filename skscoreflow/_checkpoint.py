@@ -260,11 +260,13 @@ class FitCheckpoint:
 
     def score_state(self, est: Any) -> Any:
         """The finished score model's ``TrainState`` of a checkpoint in the dequantizer phase."""
+        from ._params import resolve_optimizer
         from ._persistence import _restore_network
 
         score = self.payload["score"]
         _, state = _restore_network(
-            score["blob"], est.sde_, est.device_, est._torch_dtype, est.learning_rate
+            score["blob"], est.sde_, est.device_, est._torch_dtype,
+            resolve_optimizer(est)[1]
         )
         info = json.loads(score["info"])
         for key, value in info.items():

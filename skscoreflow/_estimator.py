@@ -108,10 +108,12 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
     max_iter : int, default=10000
         Optimizer steps, the budget that dominates the likelihood (an upper bound when early
         stopping is on).
-    batch_size : int, default=1024
-        Rows per optimizer step (capped at the number of training rows).
-    learning_rate : float, default=2e-3
-        Peak Adam learning rate (linear warm-up, then cosine decay).
+    batch_size : int or "auto", default="auto"
+        Rows per optimizer step (capped at the number of training rows).  "auto": 1024 for the
+        MLP, 128 for the U-Net (``batch_size_``).
+    learning_rate : float or "auto", default="auto"
+        Peak Adam learning rate (linear warm-up, then cosine decay).  "auto": 2e-3 for the MLP;
+        for the U-Net 1e-3, or the paper's 2e-4 from 128 base channels (``learning_rate_``).
     ema_decay : float, default=0.999
         Decay of the exponential moving average of the weights used for evaluation.
     eps : float or None, default=None
@@ -207,6 +209,8 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
         ``partial_fit``).
     dropout_ : float
         Dropout of the score network (``dropout`` resolved).
+    batch_size_, learning_rate_ : int, float
+        ``batch_size`` and ``learning_rate`` resolved for the network.
     gaussian_reference_ : {"full", "diagonal"} or None
         The MLP's Gaussian reference (``gaussian_reference`` resolved); None for the U-Net,
         which starts from ``eps_hat = 0``.
@@ -281,8 +285,8 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
         gaussian_reference: str = "auto",
         dropout: float | str = "auto",
         max_iter: int = 10000,
-        batch_size: int = 1024,
-        learning_rate: float = 2e-3,
+        batch_size: int | str = "auto",
+        learning_rate: float | str = "auto",
         ema_decay: float = 0.999,
         eps: float | None = None,
         rtol: float = 1e-5,
@@ -424,7 +428,7 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
             # an interrupted fit: rank 0's answers are everyone's.
             seed, warm, start_n_iter = group.broadcast_object((seed, warm, start_n_iter))
             group.check_same("data shape, random_state and max_iter",
-                             (tuple(X.shape), seed, int(self.max_iter), int(self.batch_size)))
+                             (tuple(X.shape), seed, int(self.max_iter), self.batch_size))
         ckpt = None
         if self.checkpoint_path is not None:
             ckpt = FitCheckpoint.open(self, X, start_n_iter, group,
@@ -435,6 +439,7 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
                 _params.derive(self, X, summary)
             if ckpt is not None and ckpt.phase is not None:
                 ckpt.restore_derived(self)
+            self.batch_size_, self.learning_rate_ = _params.resolve_optimizer(self)
             if group is not None:
                 self.device_ = _distributed.local_device(self.device_)
                 # Ranks given other data (each its own shard) or other parameters would train
@@ -557,11 +562,12 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
         else:
             net, state_in = self._train_state.model, self._train_state
         self.world_size_ = 1 if group is None else group.world_size
+        self.batch_size_, self.learning_rate_ = _params.resolve_optimizer(self)
         g = self._generator(seed)
         if getattr(self, "_partial_rng", None) is not None:
             g.set_state(self._partial_rng)
         X_train, batch_transform = self._training_rows(X, None)
-        steps = max(1, X.shape[0] // min(int(self.batch_size), X.shape[0]))
+        steps = max(1, X.shape[0] // min(self.batch_size_, X.shape[0]))
         kwargs = {**_params.training_kwargs(self), "max_iter": steps, "early_stopping": False,
                   "group": group}
         if group is not None and not group.is_main:
@@ -681,7 +687,8 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
         For a dequantized model, a lower bound on ``log P(X = x)`` of each integer row: with
         ``K = n_dequantization_samples`` draws ``u_k ~ q(u | x)``, the importance-weighted
         ``log (1/K) sum_k p(x + u_k) / q(u_k | x)``, which needs ``p(x + u)`` itself ("auto" is
-        the exact divergence there; a Hutchinson estimate is averaged in log space instead).
+        the exact divergence there for the MLP; a Hutchinson estimate, the U-Net's "auto", is
+        averaged in log space instead).
 
         Parameters
         ----------

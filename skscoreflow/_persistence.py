@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ._checkpoint import atomic_save
-from ._params import _DTYPES, structure
+from ._params import _DTYPES, resolve_optimizer, structure
 from .dequantization import VariationalDequantizer
 from .nets import network_from_config
 from .sde import SDE, get_sde
@@ -127,7 +127,7 @@ def restore_modules(est: Any, blob: dict[str, Any] | None) -> None:
     # before the stored values overwrite them: fork it so loading leaves it untouched.
     with _seeded_global_rng(0, torch.device("cpu")):
         est.network_, est._train_state = _restore_network(
-            blob, est.sde_, device, dtype, est.learning_rate
+            blob, est.sde_, device, dtype, resolve_optimizer(est)[1]
         )
         est.dequantizer_ = None
         if blob.get("dequantizer") is not None:

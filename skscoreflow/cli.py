@@ -123,7 +123,10 @@ def _estimator_options(parser: argparse.ArgumentParser) -> None:
         elif name in ("channel_mult", "attn_resolutions"):
             group.add_argument(flag, type=_parse_sizes_or_auto, default=None,
                                metavar="{N[,N...],auto}")
-        elif name in ("fourier_features", "channels", "num_res_blocks"):
+        elif name == "learning_rate":
+            group.add_argument(flag, type=_parse_float_or_auto, default=None,
+                               metavar="{LR,auto}")
+        elif name in ("fourier_features", "channels", "num_res_blocks", "batch_size"):
             group.add_argument(flag, type=_parse_int_or_auto, default=None, metavar="{N,auto}")
         elif isinstance(default, int):
             group.add_argument(flag, type=int, default=None)

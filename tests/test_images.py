@@ -372,3 +372,27 @@ def test_train_images_script_runs_resumes_and_saves_on_cpu(tmp_path):
     assert isinstance(net, ScoreUNet) and "dequantizer" in blob
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["bound_bpd"] == pytest.approx(float(rows[-1]["bound_bpd"]))
+
+
+# ----------------------------------------------------------------------------- optimizer "auto"
+@pytest.mark.parametrize("params, expected", [
+    ({}, (1024, 2e-3)),
+    ({"image_shape": (1, 8, 8)}, (128, 1e-3)),
+    ({"image_shape": (3, 32, 32)}, (128, 2e-4)),  # DDPM++'s 128 channels: the paper's rate
+    ({"image_shape": (1, 8, 8), "channels": 128}, (128, 2e-4)),
+    ({"image_shape": (1, 8, 8), "batch_size": 64, "learning_rate": 5e-4}, (64, 5e-4)),
+    ({"batch_size": 7}, (7, 2e-3)),
+])
+def test_auto_batch_size_and_learning_rate_follow_the_network(params, expected):
+    est = ScoreFlowDensity(**params)
+    d = math.prod(params.get("image_shape", (4,)))
+    est.network_type_, _, est.unet_sizes_ = _params.resolve_network(est, d)
+    assert _params.resolve_optimizer(est) == expected
+
+
+def test_fit_records_the_resolved_optimizer_settings(fitted):
+    assert (fitted.batch_size_, fitted.learning_rate_) == (32, 1e-3)
+    est = ScoreFlowDensity(image_shape=SHAPE, dequantization="uniform", channels=8,
+                           max_iter=2, early_stopping=False, random_state=0).fit(_pixels())
+    assert (est.batch_size_, est.learning_rate_) == (128, 1e-3)
+    assert est.get_params()["batch_size"] == "auto"
