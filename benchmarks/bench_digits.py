@@ -228,8 +228,9 @@ def _fit_scoreflow(add, label, params, X_train, X_test) -> tuple:
 
 def _write(rows, fits, samplers, args) -> None:
     df = pd.DataFrame(rows)
-    parts = (f" Run as concurrent parts (one process each, `--part {' / '.join(args.merge)}`, "
-             f"then `--merge {' '.join(args.merge)}`)." if args.merge else "")
+    parts = (f" Run as concurrent parts (one process each, `--part {' / '.join(args.merge)} "
+             f"--threads {args.threads}`, then `--merge {' '.join(args.merge)}`); `fit_s` and "
+             "`load_1min` are each part's own, on the shared 2 cores." if args.merge else "")
     write_table(
         df,
         "digits" + ("_quick" if args.quick else ""),
