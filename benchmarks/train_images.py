@@ -175,6 +175,9 @@ def main(argv: list[str] | None = None) -> dict:
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
         g.set_state(state["generator"])
+        torch.set_rng_state(state["rng"])
+        if device.type == "cuda" and state["cuda_rng"].numel():
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
         step, rows = int(state["step"]), list(state["rows"])
         print(f"resumed at step {step}", flush=True)
     n_params = sum(q.numel() for q in net.parameters())
@@ -183,8 +186,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     def save_checkpoint() -> None:
         tmp = ckpt_path.with_suffix(".tmp")
+        # The global RNG draws the dropout masks: saved so that a resumed run continues them.
         torch.save({"net": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                    "generator": g.get_state(), "step": step, "rows": rows}, tmp)
+                    "generator": g.get_state(), "rng": torch.get_rng_state(),
+                    "cuda_rng": (torch.cuda.get_rng_state(device) if device.type == "cuda"
+                                 else torch.zeros(0, dtype=torch.uint8)),
+                    "step": step, "rows": rows}, tmp)
         tmp.replace(ckpt_path)
 
     last, t_last, speeds = step, time.perf_counter(), []
@@ -200,6 +207,8 @@ def main(argv: list[str] | None = None) -> dict:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             loss = dsm_loss(lambda y, t: net(y, t).float(), x, sde, "likelihood_is", args.eps,
                             generator=g).mean()
+        if not math.isfinite(float(loss.detach())):  # before the step: the EMA stays clean
+            raise FloatingPointError(f"non-finite loss at step {step + 1}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), args.clip)
@@ -209,8 +218,6 @@ def main(argv: list[str] | None = None) -> dict:
             for pe, pn in zip(ema.parameters(), net.parameters()):
                 pe.lerp_(pn, 1 - decay)
         step += 1
-        if not math.isfinite(float(loss.detach())):
-            raise FloatingPointError(f"non-finite loss at step {step}")
         report = step % max(1, min(args.eval_every, 100)) == 0 or step == total
         if report:
             if device.type == "cuda":
@@ -232,8 +239,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     summary = {"parameters": n_params, "steps": step, "batch_size": args.batch_size,
                "device": str(device), "bf16": amp, "levels": levels, "image_shape": shape,
-               "images_per_s_median": float(np.median(speeds[1:] or speeds))}
-    if not args.speed:
+               "images_per_s_median": float(np.median(speeds[1:] or speeds)) if speeds
+               else float("nan")}
+    if not args.speed and rows:
         with open(out / "log.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()

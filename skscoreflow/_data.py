@@ -219,7 +219,12 @@ def training_rows(est: Any, X: Any, rows: np.ndarray | None) -> tuple[Any, Any]:
     else:
         X_rows = X if rows is None else X[rows]
         X_train = est._to_tensor(X_rows if deq else st.transform(X_rows))
-    flip = hflip(est.image_shape_) if getattr(est, "augment", None) == "hflip" else None
+    flip = None
+    if getattr(est, "augment", None) == "hflip":
+        if est.image_shape_ is None:
+            raise ValueError(f"augment={est.augment!r} flips images, but this estimator was "
+                             "fitted without image_shape")
+        flip = hflip(est.image_shape_)
     if not deq:
         if flip is None:
             return X_train, None

@@ -897,6 +897,13 @@ class ScoreFlowDensity(DensityMixin, BaseEstimator):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state = dict(state)
+        # Estimators saved before images existed: their parameters at the defaults, and a
+        # fitted one had the MLP.
+        for key, value in _params.IMAGE_DEFAULTS.items():
+            state.setdefault(key, value)
+        if "network_" in state or "_network_blob" in state:
+            for key, value in _params.IMAGE_FITTED_DEFAULTS.items():
+                state.setdefault(key, value)
         blob = state.pop("_network_blob", None)
         super().__setstate__(state)
         _persistence.restore_modules(self, blob)

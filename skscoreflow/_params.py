@@ -68,6 +68,17 @@ _AUTO_BATCH_SIZE = {"mlp": 1024, "unet": 128}
 _AUTO_LEARNING_RATE = {"mlp": 2e-3, "unet": 1e-3, "unet_wide": 2e-4}
 
 
+#: Parameters added with image support, at their defaults (for estimators saved before).
+IMAGE_DEFAULTS: dict[str, Any] = {
+    "image_shape": None, "network": "auto", "channels": "auto", "channel_mult": "auto",
+    "num_res_blocks": "auto", "attn_resolutions": "auto", "augment": None,
+}
+#: Their fitted attributes for an estimator fitted before (which had the MLP).
+IMAGE_FITTED_DEFAULTS: dict[str, Any] = {
+    "network_type_": "mlp", "image_shape_": None, "unet_sizes_": None, "n_levels_": None,
+}
+
+
 class _Ints(Interval):
     """Ints ``>= low`` with bools excluded (a plain ``Interval(Integral, ...)`` accepts ``True``)."""
 
@@ -371,7 +382,8 @@ def check_warm_start(est: Any) -> None:
     """Parameters fixed by the first fit (:func:`structure`) cannot change under a warm start."""
     fitted = getattr(est, "_fitted_structure", None)
     now = structure(est)
-    changed = [k for k in now if fitted is not None and fitted.get(k) != now[k]]
+    # Keys a fit from an earlier version did not record cannot have changed since.
+    changed = [k for k in now if fitted is not None and k in fitted and fitted[k] != now[k]]
     if changed:
         raise ValueError(
             f"warm_start=True cannot change {changed} after the first fit (fitted with "

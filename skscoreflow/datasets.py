@@ -386,7 +386,7 @@ def _read_cifar10_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     with open(path, "rb") as f:
         try:
             batch = _BatchUnpickler(f, encoding="latin1").load()
-        except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as exc:
+        except Exception as exc:  # any malformed pickle is "not a batch file"
             raise ValueError(f"{path} is not a CIFAR-10 python batch file: {exc}") from exc
     if not isinstance(batch, dict) or "data" not in batch or "labels" not in batch:
         raise ValueError(f"{path} is not a CIFAR-10 python batch file (no 'data'/'labels')")

@@ -396,3 +396,39 @@ def test_fit_records_the_resolved_optimizer_settings(fitted):
                            max_iter=2, early_stopping=False, random_state=0).fit(_pixels())
     assert (est.batch_size_, est.learning_rate_) == (128, 1e-3)
     assert est.get_params()["batch_size"] == "auto"
+
+
+def test_estimators_saved_before_images_still_score_and_continue():
+    """An MLP estimator pickled by an earlier version (no image parameters or attributes)."""
+    X = np.random.default_rng(0).normal(size=(60, 3))
+    est = ScoreFlowDensity(max_iter=3, early_stopping=False, warm_start=True, random_state=0)
+    est.fit(X)
+    expected = est.score_samples(X[:4])
+    state = est.__getstate__()
+    for key in (*_params.IMAGE_DEFAULTS, *_params.IMAGE_FITTED_DEFAULTS):
+        state.pop(key)
+    for key in ("network", "image_shape", "unet"):
+        state["_fitted_structure"].pop(key)
+    old = ScoreFlowDensity.__new__(ScoreFlowDensity)
+    old.__setstate__(pickle.loads(pickle.dumps(state)))
+    assert old.network_type_ == "mlp" and old.get_params()["network"] == "auto"
+    np.testing.assert_allclose(old.score_samples(X[:4]), expected, rtol=1e-6)
+    old.fit(X)  # warm start: nothing counts as changed
+    assert old.n_iter_ == 6
+
+
+@pytest.mark.parametrize("channels", [36, 48, 68])
+def test_channel_counts_that_32_groups_do_not_divide(channels):
+    net = ScoreUNet((1, 8, 8), channels=channels, channel_mult=(1, 2), num_res_blocks=1)
+    assert net(torch.randn(2, 64), torch.rand(2)).shape == (2, 64)
+    for m in net.modules():
+        if isinstance(m, torch.nn.GroupNorm):
+            assert m.num_channels % m.num_groups == 0 and m.num_groups <= 32
+
+
+def test_augment_after_a_fit_without_images_is_refused():
+    X = np.random.default_rng(0).normal(size=(40, 4))
+    est = ScoreFlowDensity(max_iter=2, early_stopping=False, warm_start=True, random_state=0)
+    est.fit(X)
+    with pytest.raises(ValueError, match="without image_shape"):
+        est.set_params(augment="hflip").fit(X)

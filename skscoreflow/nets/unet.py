@@ -128,8 +128,12 @@ def _linear(n_in: int, n_out: int, scale: float = 1.0) -> nn.Linear:
 
 
 def _norm(channels: int) -> nn.GroupNorm:
-    # Per-sample statistics only (rows never interact), groups of about four channels.
-    return nn.GroupNorm(min(channels // 4, 32), channels, eps=1e-6)
+    # Per-sample statistics only (rows never interact), groups of about four channels: at most
+    # 32 (DDPM++), the largest count that divides the channels.
+    groups = min(channels // 4, 32)
+    while channels % groups:
+        groups -= 1
+    return nn.GroupNorm(groups, channels, eps=1e-6)
 
 
 def _timestep_embedding(label: Tensor, dim: int) -> Tensor:
